@@ -1,0 +1,307 @@
+"""Typed, frozen configuration for a GRPO run: the only place defaults live.
+
+A config is built from plain data (YAML) by `build`, which rejects unknown
+keys and wrong types with one line that names the valid keys. Dotted
+`key=value` overrides are parsed against the field's declared type, so
+`rollout.n=8` is an int and `model.path=123` stays a string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; its message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # HF model dir (or hub id); required
+    tiny: bool = False  # build a tiny random-init Qwen2 + offline tokenizer at `path` if absent
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    dtype: str = "float32"  # float32 | bfloat16
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: int = 32
+    lora_target_modules: str = "all-linear"  # or comma-separated module names
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "gsm8k"  # gsm8k | synthetic
+    train_path: str = ""  # local .jsonl/.parquet; "" -> datasets hub openai/gsm8k
+    test_path: str = ""
+    hub_name: str = "openai/gsm8k"
+    max_prompt_tokens: int = 512
+    synthetic_max_operand: int = 4
+    synthetic_train_size: int = 2000
+    synthetic_test_size: int = 64
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    n: int = 5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    val_max_tokens: int = 1024
+    gpu_memory_utilization: float = 0.25
+    cpu_kv_cache_gib: float = 0.25  # VLLM_CPU_KVCACHE_SPACE on CPU
+    max_num_seqs: int = 256
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    sleep_level: int = 0  # 0: engine stays awake; 1 or 2: vLLM sleep during the update
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    adv_eps: float = 1e-6
+    norm_adv_by_std: bool = True  # False = Dr.GRPO
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.001
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    reward_mode: str = "strict"  # strict (after ####) | flexible (last number)
+    format_score: float = 0.0
+    advantage_sign: float = 1.0  # -1 flips the update; exists to prove the learning test can fail
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    run_dir: str = "runs/default"
+    total_steps: int = 10
+    prompts_per_step: int = 116
+    mini_batch_prompts: int = 116  # one optimizer step per mini-batch
+    micro_batch_size: int = 8  # sequences per forward/backward
+    ppo_epochs: int = 1
+    seed: int = 0
+    val_every: int = 0  # 0 = never
+    val_prompts: int = 0  # 0 = the whole test split
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # torch intra-op threads; 0 = leave as is
+    param_offload: bool = False
+    optimizer_offload: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only on preemption and at the end
+    keep: int = 2
+    save_final: bool = True
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "grpo"
+    run_name: str = ""  # "" = the run dir's name
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite next to the run dir
+    system_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------- building
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if typing.get_origin(tp) is tuple:
+        return "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {sorted(_field_types(tp))}, got {value!r}")
+        return build(tp, value, where + ".")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner, _ellipsis) = typing.get_args(tp)
+        return tuple(_check_value(inner, v, where) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got bool {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from plain data, strictly."""
+    data = dict(data or {})
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ConfigError(
+            f"unknown key '{prefix}{unknown[0]}'; valid keys under '{prefix.rstrip('.') or '<top>'}': "
+            + ", ".join(sorted(types))
+        )
+    kwargs = {name: _check_value(types[name], value, prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(tp: Any, text: str, key: str) -> Any:
+    if tp is str:
+        return text
+    if typing.get_origin(tp) is tuple:
+        return [v.strip() for v in text.split(",") if v.strip()]
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected bool (true/false), got {text!r}")
+    try:
+        return tp(text) if tp is not int else int(text, 10)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {text!r}") from None
+
+
+def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of `data` with dotted `key=value` overrides applied.
+
+    Values are parsed against the field type declared in `cls`, so the same
+    text means the same thing on the command line and in YAML.
+    """
+    out = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        tp: Any = cls
+        node = out
+        for depth, part in enumerate(parts):
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"override {key!r}: '{'.'.join(parts[:depth])}' is not a section")
+            types = _field_types(tp)
+            if part not in types:
+                where = ".".join(parts[:depth]) or "<top>"
+                raise ConfigError(f"unknown key '{key}'; valid keys under '{where}': " + ", ".join(sorted(types)))
+            tp = types[part]
+            if depth == len(parts) - 1:
+                if dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"override {key!r} names a section; use one of: " + ", ".join(sorted(_field_types(tp))))
+                node[part] = _parse_scalar(tp, text, key)
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {key!r}: '{part}' is not a section")
+    return out
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used for MLflow params and diffs."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Cross-field checks that types alone cannot express."""
+    t, a = cfg.trainer, cfg.algorithm
+    choices = {
+        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+        "data.source": (cfg.data.source, ("gsm8k", "synthetic")),
+        "algorithm.kl_estimator": (a.kl_estimator, ("k1", "k2", "k3")),
+        "algorithm.loss_agg": (a.loss_agg, ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")),
+        "algorithm.reward_mode": (a.reward_mode, ("strict", "flexible")),
+        "trainer.device": (t.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}; valid values: {', '.join(allowed)}")
+    if not cfg.model.path:
+        raise ConfigError("model.path is required")
+    positive = {
+        "trainer.total_steps": t.total_steps, "trainer.prompts_per_step": t.prompts_per_step,
+        "trainer.mini_batch_prompts": t.mini_batch_prompts, "trainer.micro_batch_size": t.micro_batch_size,
+        "trainer.ppo_epochs": t.ppo_epochs, "rollout.n": cfg.rollout.n, "rollout.max_tokens": cfg.rollout.max_tokens,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if t.prompts_per_step % t.mini_batch_prompts:
+        raise ConfigError(
+            f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step={t.prompts_per_step}"
+        )
+    if cfg.rollout.sleep_level not in (0, 1, 2):
+        raise ConfigError(f"rollout.sleep_level={cfg.rollout.sleep_level}; valid values: 0, 1, 2")
+    return cfg
+
+
+def load(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """YAML file (or nothing) + overrides -> validated TrainConfig."""
+    data = read_yaml(path) if path else {}
+    return validate(build(TrainConfig, apply_overrides(TrainConfig, data, overrides)))
