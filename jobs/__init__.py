@@ -1,0 +1,1 @@
+"""jobs: the user side: Slurm profiles, sbatch rendering, submit/status/resubmit/cancel."""

@@ -1,0 +1,303 @@
+"""Cluster profiles: YAML data with a `cluster:` part and a `train:` part.
+
+A profile is read from cluster_profiles/<name>.yaml (or any path, or a
+folder on $GRPO_PROFILES_DIR), merged over the profile it `extends:`, given
+dotted overrides (`cluster.partition=big`, `train.rollout.n=8`) and built as
+strictly as the trainer's own config: an unknown key or a wrong type is one
+line that names the valid keys. Building reuses grpo_core.config, so the
+same text means the same value in YAML and on the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from grpo_core.config import ConfigError, TrainConfig, apply_overrides, build, read_yaml, to_dict, validate
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_DIR = REPO_ROOT / "cluster_profiles"
+TEMPLATES_DIR = REPO_ROOT / "templates"
+PROFILES_ENV = "GRPO_PROFILES_DIR"
+
+# submitit writes these itself (logs, requeue signal, arrays); a second value
+# from a profile would silently fight it.
+SUBMITIT_OWNED = ("output", "error", "open-mode", "signal", "array")
+# Options that have a typed field of their own: one place per setting.
+HAS_FIELD = {"partition": "partition", "account": "account", "qos": "qos", "nodes": "nodes", "time": "time_min",
+             "mem": "mem", "cpus-per-task": "cpus_per_task", "gpus-per-node": "gpus_per_node",
+             "ntasks-per-node": "tasks_per_node", "job-name": "<the run name>"}
+# Names that hold credentials: they stay in the submitting environment (Slurm
+# exports it to the job) and never enter a profile, a script or MLflow.
+SECRET_WORDS = r"(?:TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)"
+SECRET_RE = re.compile(rf"(?:^|_){SECRET_WORDS}(?:_|$)", re.IGNORECASE)  # HF_TOKEN, not TOKENIZERS_...
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SBATCH_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+MAPPING_FIELDS = ("env", "sbatch")  # YAML mappings, stored as ("KEY=VALUE", ...)
+TOP_KEYS = ("cluster", "description", "extends", "train")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    launcher: str = "slurm"  # slurm | local (this machine, no Slurm)
+    template: str = "grpo"  # templates/<template>.sbatch.j2
+    partition: str = ""  # "" = the cluster's default partition
+    account: str = ""
+    qos: str = ""
+    nodes: int = 1
+    tasks_per_node: int = 1  # one rank per GPU for FSDP
+    gpus_per_node: int = 0
+    cpus_per_task: int = 0  # 0 = the cluster's default
+    mem: str = ""  # sbatch --mem, e.g. "200G"; "" = the cluster's default
+    time_min: int = 60  # whole minutes: submitit writes --time from an int
+    signal_lead_s: int = 300  # USR2 this long before the time limit: enough to checkpoint
+    max_requeues: int = 100  # submitit's own timeout countdown, for signals before the trainer starts
+    python: str = ""  # interpreter on the compute nodes; "" = the one running jobs.submit
+    workdir: str = ""  # the job cds here; "" = the directory jobs.submit ran in
+    setup: tuple[str, ...] = ()  # shell lines run before the trainer (module load ...); trusted as code
+    env: tuple[str, ...] = ()  # KEY=VALUE, exported (quoted) in the script
+    sbatch: tuple[str, ...] = ()  # extra sbatch options: key=value, or a bare flag
+
+    def env_map(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.env)
+
+    def sbatch_map(self) -> dict[str, str | bool]:
+        return {k: (v[0] if v else True) for k, *v in (item.split("=", 1) for item in self.sbatch)}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    cluster: ClusterConfig
+    train: TrainConfig
+    description: str = ""
+    source: str = ""  # where it was read from (for messages only)
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain data that load_profile reads back to an equal Profile."""
+        cluster = to_dict(self.cluster)
+        cluster["env"] = self.cluster.env_map()
+        cluster["sbatch"] = self.cluster.sbatch_map()
+        return {"description": self.description, "cluster": cluster, "train": to_dict(self.train)}
+
+
+@dataclass(frozen=True)
+class _ProfileData:  # the shape `build` and `apply_overrides` check against
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- finding
+
+def search_path() -> list[Path]:
+    """$GRPO_PROFILES_DIR (colon-separated, first wins), then the shipped profiles."""
+    dirs = [Path(p).expanduser() for p in os.environ.get(PROFILES_ENV, "").split(":") if p.strip()]
+    return dirs + [BUILTIN_DIR]
+
+
+def list_profiles() -> dict[str, Path]:
+    """Every profile name on the search path -> its file (earlier folders shadow later ones)."""
+    found: dict[str, Path] = {}
+    for folder in search_path():
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.yaml")):
+                found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith((".yaml", ".yml")) or os.sep in name
+
+
+def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
+    if _looks_like_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_absolute() and relative_to is not None and (relative_to / path).is_file():
+            path = relative_to / path
+        if not path.is_file():
+            raise ConfigError(f"profile file not found: {name_or_path}")
+        return path
+    known = list_profiles()
+    if name_or_path not in known:
+        raise ConfigError(f"unknown profile '{name_or_path}'; known profiles: {', '.join(known) or '(none)'}")
+    return known[name_or_path]
+
+
+def describe(path: Path) -> str:
+    """The profile's one-line description (for --list-profiles); never raises."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return " ".join(str(data.get("description", "")).split()) if isinstance(data, dict) else ""
+    except (OSError, yaml.YAMLError):
+        return "(unreadable)"
+
+
+# ---------------------------------------------------------------- loading
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` wins; mappings merge key by key; lists and scalars are replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's data merged over its `extends:` chain (without `extends`)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"profile {path.stem}: extends cycle: {' -> '.join(p.stem for p in seen + (path,))}")
+    data = read_yaml(path)
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"profile {path.stem}: unknown key '{unknown[0]}'; valid keys under '<top>': {', '.join(TOP_KEYS)}")
+    for part in ("cluster", "train"):
+        if not isinstance(data.get(part, {}), Mapping):
+            raise ConfigError(f"profile {path.stem}: '{part}' must be a mapping")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"profile {path.stem}: 'extends' must be a profile name or path")
+    base = _read_raw(find_profile(parent, relative_to=path.parent), seen + (path,))
+    base.pop("description", None)  # a description belongs to one file
+    return deep_merge(base, data)
+
+
+def _mapping_to_items(value: Any, where: str) -> Any:
+    """env/sbatch mappings -> ("KEY=VALUE", ...); a bare sbatch flag is `key: true`."""
+    if not isinstance(value, Mapping):
+        return value  # a list of KEY=VALUE strings is accepted as is
+    items = []
+    for key, val in value.items():
+        if val is False or val is None:
+            continue
+        if not isinstance(val, (str, int, float, bool)):
+            raise ConfigError(f"{where}.{key}: expected a string or number, got {type(val).__name__} {val!r}")
+        items.append(str(key) if val is True else f"{key}={val}")
+    return items
+
+
+def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """`cluster.env.K=V` / `cluster.sbatch.K=V` set one entry; the rest go to apply_overrides."""
+    plain: list[str] = []
+    entries: dict[str, dict[str, Any]] = {name: {} for name in MAPPING_FIELDS}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        head, _, sub = key.strip().partition(".")
+        if head not in ("cluster", "train"):
+            raise ConfigError(f"override {item!r}: keys start with 'cluster.' or 'train.' (e.g. train.rollout.n=8)")
+        name, dot, entry = sub.partition(".")
+        if head == "cluster" and name in MAPPING_FIELDS and dot and sep:
+            flag = {"true": True, "false": False}.get(value.strip().lower()) if name == "sbatch" else None
+            entries[name][entry] = value if flag is None else flag
+        else:
+            plain.append(item)
+    return plain, entries
+
+
+def _check_cluster(c: ClusterConfig, train: TrainConfig) -> None:
+    if c.launcher not in ("slurm", "local"):
+        raise ConfigError(f"cluster.launcher={c.launcher!r}; valid values: slurm, local")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", c.template) or not (TEMPLATES_DIR / f"{c.template}.sbatch.j2").is_file():
+        names = sorted(p.name.removesuffix(".sbatch.j2") for p in TEMPLATES_DIR.glob("*.sbatch.j2"))
+        raise ConfigError(f"cluster.template={c.template!r}; valid values: {', '.join(names)}")
+    for key in ("nodes", "tasks_per_node", "time_min", "signal_lead_s"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"cluster.{key}={getattr(c, key)} must be >= 1")
+    for key in ("gpus_per_node", "cpus_per_task", "max_requeues"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"cluster.{key}={getattr(c, key)} must be >= 0")
+    # Slurm's --signal accepts at most 65535 s, and a lead as long as the job never lets it run.
+    if c.signal_lead_s > min(65535, c.time_min * 60 // 2):
+        raise ConfigError(f"cluster.signal_lead_s={c.signal_lead_s} must be at most half of cluster.time_min "
+                          f"({c.time_min} min) and <= 65535")
+    for item in c.env:
+        key, sep, _ = item.partition("=")
+        if not sep or not ENV_KEY_RE.match(key):
+            raise ConfigError(f"cluster.env: {item!r} is not NAME=VALUE with a shell variable name")
+        if SECRET_RE.search(key):
+            raise ConfigError(f"cluster.env.{key} looks like a secret: keep it in your environment "
+                              "(Slurm passes it to the job); profiles and scripts never hold secrets")
+    for line in c.setup:
+        if any(SECRET_RE.search(name) for name in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", line)):
+            raise ConfigError("cluster.setup sets what looks like a secret: keep it in your environment "
+                              "(Slurm passes it to the job); profiles and scripts never hold secrets")
+    for key in c.sbatch_map():
+        if not SBATCH_KEY_RE.match(key):
+            raise ConfigError(f"cluster.sbatch: {key!r} is not an sbatch option name (like constraint or exclusive)")
+        norm = key.replace("_", "-")
+        if norm in SUBMITIT_OWNED:
+            raise ConfigError(f"cluster.sbatch.{key}: submitit sets --{norm} itself; "
+                              f"it owns: {', '.join(SUBMITIT_OWNED)}")
+        if norm in HAS_FIELD:
+            raise ConfigError(f"cluster.sbatch.{key}: use cluster.{HAS_FIELD[norm]} instead")
+    if re.search(r"://[^/@\s]*:[^/@\s]*@", train.tracking.tracking_uri):
+        raise ConfigError("train.tracking.tracking_uri holds credentials: use MLFLOW_TRACKING_USERNAME/"
+                          "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in your environment instead")
+    gpus = c.nodes * c.gpus_per_node
+    if gpus and train.rollout.tensor_parallel_size > gpus:
+        raise ConfigError(f"train.rollout.tensor_parallel_size={train.rollout.tensor_parallel_size} exceeds "
+                          f"the {gpus} GPU(s) of cluster.nodes x cluster.gpus_per_node")
+
+
+def profile_from_data(name: str, data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "") -> Profile:
+    """Merged profile data + dotted overrides -> a validated Profile."""
+    data = dict(data)
+    description = data.pop("description", "") or ""
+    data.pop("extends", None)
+    plain, entries = _split_overrides(overrides)
+    try:
+        merged = apply_overrides(_ProfileData, {"cluster": dict(data.get("cluster") or {}),
+                                                "train": dict(data.get("train") or {})}, plain)
+        cluster = dict(merged["cluster"])
+        for fname in MAPPING_FIELDS:
+            current = cluster.get(fname, {})
+            if entries[fname]:
+                if not isinstance(current, Mapping):
+                    current = dict(str(i).split("=", 1) if "=" in str(i) else (str(i), True) for i in current)
+                current = {**current, **entries[fname]}
+            cluster[fname] = _mapping_to_items(current, f"cluster.{fname}")
+        built = build(_ProfileData, {"cluster": cluster, "train": merged["train"]})
+        validate(built.train)
+        _check_cluster(built.cluster, built.train)
+    except ConfigError as exc:
+        raise ConfigError(f"profile {name}: {exc}") from None
+    if not isinstance(description, str):
+        raise ConfigError(f"profile {name}: description must be a string")
+    return Profile(name=name, cluster=built.cluster, train=built.train,
+                   description=" ".join(description.split()), source=source)
+
+
+def load_profile(name_or_path: str, overrides: Sequence[str] = ()) -> Profile:
+    """Find, merge `extends`, apply overrides, build strictly and validate."""
+    path = find_profile(name_or_path)
+    return profile_from_data(path.stem, _read_raw(path), overrides, source=str(path))
+
+
+def dump_profile(profile: Profile) -> str:
+    """YAML of the resolved profile (what the run dir keeps as profile.yaml)."""
+    return yaml.safe_dump({"name": profile.name, **profile.to_data()}, sort_keys=False)
+
+
+def load_resolved(path: Path, overrides: Sequence[str] = ()) -> Profile:
+    """Read a run dir's profile.yaml back (resubmit)."""
+    data = read_yaml(path)
+    name = str(data.pop("name", path.stem))
+    return profile_from_data(name, data, overrides, source=str(path))
+
+
+def replace_train(profile: Profile, **sections: Any) -> Profile:
+    """A copy with train sections' fields replaced, e.g. trainer={"run_dir": ...}."""
+    train = profile.train
+    for section, values in sections.items():
+        train = dataclasses.replace(train, **{section: dataclasses.replace(getattr(train, section), **values)})
+    return dataclasses.replace(profile, train=train)
