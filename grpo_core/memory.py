@@ -1,0 +1,468 @@
+"""Per-GPU memory plan of one colocated GRPO step (vLLM rollouts + FSDP2 update).
+
+Pure arithmetic: no torch, no GPU. Every part is a formula over the model
+shape and the TrainConfig; the calibration constants below are the only
+guesses, named so that measured H200 peaks can correct them.
+
+Stages of a step (per GPU): rollout (vLLM awake) -> reference logprobs ->
+update (forward/backward over micro-batches) -> optimizer step -> sync
+(trainer weights into vLLM) -> next rollout.
+
+Assumptions the trainer must keep true (else recalibrate):
+- FSDP2 `fully_shard` on every decoder layer plus the root; sharded over all
+  `gpus`; MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), so
+  activations are bf16 and sharded grads have the stored param dtype.
+- Master weights / AdamW states are stored in `model.dtype`.
+- One in-process vLLM engine per `tensor_parallel_size` GPUs, serving bf16.
+- Log-probs are formed `logprob_chunk` positions at a time, recomputed in
+  backward (grpo_core.algorithm.token_logprobs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+
+# ---- calibration constants (fit these to measured H200 peaks)
+CUDA_CONTEXT_GIB = 0.75  # per process: CUDA context + cuBLAS workspaces, outside torch's allocator
+NCCL_GIB = 0.5  # NCCL communicator buffers once a process group spans >1 GPU
+FRAGMENTATION = 0.10  # caching-allocator reserved/allocated overhead on the trainer's GPU parts
+VLLM_OVERHEAD_GIB = 1.0  # CUDA graphs + non-torch memory inside vLLM's budget
+VLLM_MAX_BATCHED_TOKENS = 16384  # vLLM's profiling forward sets its activation reserve
+VLLM_SLEEP_RESIDUAL_GIB = 0.5  # what a sleeping engine keeps (graph pools, non-cumem buffers)
+BACKWARD_WORKSPACE = 0.5  # a layer's activation grads during its backward, as a fraction of its activations
+ADAM_TEMP = 1.0  # foreach AdamW temporaries, as a fraction of the trainable shard (0 for fused)
+LOGITS_KEPT_BYTES = 6  # per token x vocab: bf16 logits kept for backward, their accumulated grad, one chunk's zero-padded grad
+LOGITS_FP32_BYTES = 12  # per chunk token x vocab: fp32 upcast + log-softmax + its grad
+ENTROPY_BYTES = 12  # per token x vocab with entropy_coef > 0: fp32 log-softmax, p, p*logp (not chunked)
+HOST_PROCESS_GIB = 6.0  # host RSS of one rank (python, torch, vLLM) besides offloaded state
+ACT = 2  # bytes per activation element (bf16)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tie_embeddings: bool
+    head_dim: int = 0  # 0 -> hidden // heads
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear in a Qwen2 decoder layer."""
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_params(self) -> int:
+        weights = sum(a * b for a, b in self.linears().values())
+        return weights + self.q_dim + 2 * self.kv_dim + 2 * self.hidden  # q/k/v biases, two RMSNorms
+
+    def root_params(self) -> int:
+        """Embedding, lm_head (unless tied) and the final norm: FSDP's root group."""
+        return self.vocab * self.hidden * (1 if self.tie_embeddings else 2) + self.hidden
+
+    def params(self) -> int:
+        return self.layers * self.layer_params() + self.root_params()
+
+
+KNOWN_SHAPES: dict[str, ModelShape] = {
+    "Qwen2.5-0.5B": ModelShape(896, 24, 14, 2, 4864, 151936, True),
+    "Qwen2.5-1.5B": ModelShape(1536, 28, 12, 2, 8960, 151936, True),
+    "Qwen2.5-3B": ModelShape(2048, 36, 16, 2, 11008, 151936, True),
+    "Qwen2.5-7B": ModelShape(3584, 28, 28, 4, 18944, 152064, False),
+    "Qwen2.5-14B": ModelShape(5120, 48, 40, 8, 13824, 152064, False),
+    "Qwen2.5-32B": ModelShape(5120, 64, 40, 8, 27648, 152064, False),
+}
+
+
+def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
+    heads = int(cfg["num_attention_heads"])
+    return ModelShape(
+        hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]), heads=heads,
+        kv_heads=int(cfg.get("num_key_value_heads") or heads), intermediate=int(cfg["intermediate_size"]),
+        vocab=int(cfg["vocab_size"]), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim=int(cfg.get("head_dim") or 0))
+
+
+def shape_for(model_path: str) -> tuple[str, ModelShape]:
+    """(name, shape) from a local HF dir's config.json, else a known Qwen2.5 size in the name."""
+    cfg_file = Path(model_path) / "config.json"
+    if cfg_file.is_file():
+        return Path(model_path).name, shape_from_config(json.loads(cfg_file.read_text()))
+    sizes = set(re.findall(r"(?<![\d.])(\d+(?:\.\d+)?)b(?![a-z0-9])", model_path.lower()))
+    hits = [name for name in KNOWN_SHAPES if name.split("-")[1][:-1] in sizes]
+    if len(hits) != 1:
+        raise ValueError(f"cannot tell the model shape of {model_path!r}: not a local dir with config.json and "
+                         f"not one known size; known: {', '.join(KNOWN_SHAPES)}")
+    return hits[0], KNOWN_SHAPES[hits[0]]
+
+
+def shape_for_model(model: Any) -> tuple[str, ModelShape]:
+    """shape_for(model.path), or for a `model.tiny` not built yet, the shape grpo_core.tiny will build."""
+    try:
+        return shape_for(model.path)
+    except ValueError:
+        if not model.tiny:
+            raise
+    heads = max(1, model.tiny_hidden // 32)  # as grpo_core.tiny.build_tiny_model; vocab ~ its default 64
+    return "tiny", ModelShape(model.tiny_hidden, model.tiny_layers, heads, max(1, heads // 2), 2 * model.tiny_hidden, 64, False)
+
+
+def lora_targets(shape: ModelShape, targets: str = "all-linear") -> list[str]:
+    names = list(shape.linears())
+    if targets == "all-linear":  # peft's all-linear: every linear except lm_head
+        return names
+    chosen = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in names]
+    if unknown:
+        raise ValueError(f"unknown LoRA target {unknown[0]!r}; valid: all-linear or {', '.join(names)}")
+    return chosen
+
+
+def lora_params(shape: ModelShape, rank: int, targets: str = "all-linear") -> int:
+    """A (r x in) + B (out x r) for each targeted linear of each layer."""
+    lin = shape.linears()
+    return shape.layers * sum(rank * (lin[t][0] + lin[t][1]) for t in lora_targets(shape, targets))
+
+
+def layer_activation_bytes(shape: ModelShape, seq: int, *, full: bool, targets: list[str], rank: int,
+                           attn: str) -> int:
+    """Bytes one Qwen2 decoder layer saves for backward, per token (bf16 compute).
+
+    Korthikanti et al. 2022's accounting (what autograd saves) redone for
+    Qwen2: RMSNorm upcasts its input to fp32 and saves it (4h, +2h for the
+    normalized input when its weight trains); a linear saves its input only
+    when its weight (full) or its LoRA A trains; SwiGLU saves gate, silu(gate)
+    and up (6I) and down's input (2I); no dropout. Attention saves q, k, v,
+    output and fp32 logsumexp, with no s^2 term, except: HF's sdpa path with a
+    padding mask repeats k/v to all heads and torch turns the bool mask into a
+    bf16 bias per call (2s per token); eager keeps the fp32 and bf16 probs.
+    """
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    trains = set(shape.linears()) if full else set(targets)
+    b = 2 * (4 * h + (2 * h if full else 0))  # the two RMSNorms
+    b += ACT * h * bool(trains & {"q_proj", "k_proj", "v_proj"}) + ACT * h * bool(trains & {"gate_proj", "up_proj"})
+    b += ACT * i * ("down_proj" in trains) + ACT * 3 * i  # down's input; gate, silu(gate), up
+    if attn == "eager":
+        b += ACT * (2 * q + 2 * q) + shape.heads * seq * (4 + ACT) + ACT * q  # q, k/v repeated, probs, out copy
+    elif attn.startswith("flash"):
+        b += ACT * (2 * q + 2 * kv) + 4 * shape.heads
+    else:  # sdpa, padded batch: repeated k/v + per-layer bf16 mask bias
+        b += ACT * 4 * q + 4 * shape.heads + ACT * seq
+    if not full:
+        b += ACT * rank * len(targets)  # each LoRA A output, saved by B
+    return b
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    gib: float
+    where: str  # gpu | host
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    parts: tuple[Part, ...]
+
+    def total(self, where: str = "gpu") -> float:
+        return sum(p.gib for p in self.parts if p.where == where)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What the planner cannot read from TrainConfig."""
+    logprob_chunk: int = 256  # positions per log-prob chunk (token_logprobs' default); 0 = unchunked
+    offload_style: str = "fsdp2"  # fsdp2: offloaded state stays on host, CPU optimizer step; swap: verl-style moves
+    vllm_in_process: bool = True  # False: the engine core is another process with its own CUDA context
+    gpus_per_node: int = 0  # for the host total per node; 0 = all gpus on one node
+    host_mem_gib: float = 0.0  # host memory per node to check against; 0 = do not check
+
+
+@dataclass
+class Plan:
+    model: str
+    params: int
+    trainable: int
+    gpus: int
+    gpu_mem_gib: float
+    seq_len: int
+    kv_tokens: int
+    stages: list[Stage]
+    host_per_node_gib: float
+    knobs: Knobs
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def peak_stage(self) -> Stage:
+        return max(self.stages, key=lambda s: s.total("gpu"))
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_stage.total("gpu")
+
+    @property
+    def host_peak_gib(self) -> float:  # per GPU (rank)
+        return max(s.total("host") for s in self.stages)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "params": self.params, "trainable": self.trainable, "gpus": self.gpus,
+                "gpu_mem_gib": self.gpu_mem_gib, "seq_len": self.seq_len, "kv_tokens": self.kv_tokens,
+                "peak_gib": round(self.peak_gib, 3), "peak_stage": self.peak_stage.name,
+                "host_peak_gib_per_gpu": round(self.host_peak_gib, 3),
+                "host_per_node_gib": round(self.host_per_node_gib, 3), "fits": self.fits,
+                "problems": self.problems, "suggestions": self.suggestions, "notes": self.notes,
+                "knobs": dataclasses.asdict(self.knobs),
+                "constants": {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float))},
+                "stages": [{"name": s.name, "gpu_gib": round(s.total("gpu"), 3), "host_gib": round(s.total("host"), 3),
+                            "parts": [dataclasses.asdict(p) | {"gib": round(p.gib, 3)} for p in s.parts]}
+                           for s in self.stages]}
+
+
+def _gib(n: float) -> float:
+    return n / GIB
+
+
+def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, k: Knobs) -> Plan:
+    m, r, t = cfg.model, cfg.rollout, cfg.trainer
+    tp, w = r.tensor_parallel_size, gpus
+    if gpus < 1 or tp < 1 or gpus % tp:
+        raise ValueError(f"gpus={gpus} must be a positive multiple of rollout.tensor_parallel_size={tp}")
+    lora = m.lora_rank > 0
+    targets = lora_targets(shape, m.lora_target_modules) if lora else []
+    P, L = shape.params(), (lora_params(shape, m.lora_rank, m.lora_target_modules) if lora else 0)
+    trainable = L if lora else P
+    dbytes = 4 if m.dtype == "float32" else 2
+    tbytes = 4 if lora else dbytes  # peft keeps adapters in fp32
+    seq = cfg.data.max_prompt_tokens + r.max_tokens
+    tokens = t.micro_batch_size * seq
+    notes: list[str] = []
+
+    # ---- where trainer state lives in each stage
+    def params_at(stage: str) -> str:
+        if not t.param_offload:
+            return "gpu"
+        return "host" if k.offload_style == "fsdp2" or stage == "rollout" else "gpu"
+
+    def optim_at(stage: str) -> str:
+        if k.offload_style == "fsdp2":  # CPUOffloadPolicy steps on CPU: params offloaded => optimizer too
+            return "host" if (t.optimizer_offload or t.param_offload) else "gpu"
+        return "gpu" if not t.optimizer_offload or stage == "optimizer step" else "host"
+
+    share = getattr(r, "share_base_weights", None)
+    if lora and share is None:
+        notes.append("no rollout.share_base_weights in config: trainer and vLLM each hold the base weights")
+    elif lora and share:
+        notes.append("base weights shared with vLLM: counted once, as vLLM's")
+    # ---- vLLM (per GPU)
+    kv_heads_gpu = max(1, math.ceil(shape.kv_heads / tp))
+    kv_per_token = 2 * shape.layers * kv_heads_gpu * shape.head_dim * ACT
+    v_weights = _gib((P * 2 + (L * 2 if lora else 0)) / tp)
+    v_act = VLLM_MAX_BATCHED_TOKENS * ACT * (3 * shape.hidden + shape.q_dim * 2 + 2 * shape.kv_dim + 3 * shape.intermediate)
+    v_work = VLLM_OVERHEAD_GIB + _gib(v_act / tp + r.max_num_seqs * shape.vocab * 8)  # + sampler fp32 logits/probs
+    budget = r.gpu_memory_utilization * gpu_mem_gib
+    kv_gib = budget - v_weights - v_work
+    kv_tokens = max(0, int(kv_gib * GIB // kv_per_token))
+    vw = Part("vLLM weights (bf16" + (" + LoRA slots" if lora else "") + f", /TP {tp})", v_weights, "gpu")
+    vk = Part(f"vLLM KV cache ({kv_tokens} tokens)", max(kv_gib, 0.0), "gpu", "rest of gpu_memory_utilization")
+    vx = Part("vLLM activations + CUDA graphs + sampler", v_work, "gpu")
+    asleep = [Part(f"vLLM asleep (level {r.sleep_level}) residual", VLLM_SLEEP_RESIDUAL_GIB, "gpu")]
+    if r.sleep_level == 1:
+        asleep.append(Part("vLLM weights backed up (sleep level 1)", v_weights, "host", "pinned"))
+    if lora and share:  # the trainer needs the shared base, so sleeping frees only the KV cache
+        asleep = [vw, asleep[0]]
+    vllm = {"rollout": [vw, vx, vk]}
+    for s in ("reference logprobs", "update", "optimizer step"):
+        vllm[s] = [vw, vx, vk] if r.sleep_level == 0 else asleep
+    vllm["sync"] = [vw, vx, vk] if r.sleep_level == 0 else [vw, asleep[0]]  # weights woken first, KV after sync
+
+    # ---- trainer state (sharded over w GPUs)
+    def state(stage: str) -> list[Part]:
+        out: list[Part] = []
+        pw = params_at(stage)
+        if lora:
+            if not share:
+                out.append(Part(f"base weights ({m.dtype}, frozen, /{w})", _gib(P * dbytes / w), pw))
+            out.append(Part(f"LoRA adapter (fp32, /{w})", _gib(L * 4 / w), pw))
+        else:
+            out.append(Part(f"weights ({m.dtype} master, /{w})", _gib(P * dbytes / w), pw))
+            if cfg.algorithm.kl_coef > 0:
+                out.append(Part(f"reference model (bf16, /{w})", _gib(P * 2 / w), pw))
+        if stage in ("update", "optimizer step"):
+            out.append(Part(f"{'LoRA ' if lora else ''}gradients ({'fp32' if lora else m.dtype}, /{w})",
+                            _gib(trainable * tbytes / w), pw))
+        ow = optim_at(stage)
+        out.append(Part(f"AdamW states (2 x {'fp32' if lora else m.dtype}, /{w})", _gib(2 * trainable * tbytes / w), ow))
+        if stage == "optimizer step":
+            if ow == "gpu":
+                out.append(Part("AdamW foreach temporaries", ADAM_TEMP * _gib(trainable * tbytes / w), "gpu"))
+            elif pw == "gpu":
+                out.append(Part("gradients copied to host for the CPU step", _gib(trainable * tbytes / w), "host"))
+        return out
+
+    # ---- transient compute (GPU)
+    act_layer = layer_activation_bytes(shape, seq, full=not lora, targets=targets, rank=m.lora_rank,
+                                       attn=m.attn_implementation)
+    final = (4 + (2 if not lora else 0)) * shape.hidden + (ACT * shape.hidden if not lora else 0)  # norm + lm_head input
+    chunk_tokens = t.micro_batch_size * (min(k.logprob_chunk, seq) if k.logprob_chunk else seq)
+    root_unsharded = shape.root_params() * 2
+    fsdp = Part("FSDP all-gathered params (root + 2 layers, bf16)", _gib(root_unsharded + 2 * shape.layer_params() * 2), "gpu")
+
+    def compute(stage: str) -> list[Part]:
+        if stage == "reference logprobs":
+            return [fsdp, Part(f"forward workspace (1 layer, {tokens} tokens)", _gib(act_layer * tokens), "gpu"),
+                    Part("logits (bf16) + fp32 log-softmax chunk", _gib(shape.vocab * (2 * tokens + 8 * chunk_tokens)), "gpu")]
+        if stage == "update":
+            if m.gradient_checkpointing:
+                a = shape.layers * ACT * shape.hidden + act_layer  # layer inputs + one layer recomputed
+                what = "checkpointed: layer inputs + 1 layer recomputed"
+            else:
+                a = shape.layers * act_layer
+                what = "no checkpointing: all layers"
+            out = [fsdp, Part(f"activations ({what}, {tokens} tokens)", _gib((a + final) * tokens), "gpu"),
+                   Part("backward workspace (1 layer)", BACKWARD_WORKSPACE * _gib(act_layer * tokens), "gpu")]
+            ent = ENTROPY_BYTES * tokens if cfg.algorithm.entropy_coef > 0 else 0
+            out.append(Part("logits: bf16 + grad, fp32 chunk" + (", entropy" if ent else ""),
+                            _gib(shape.vocab * (LOGITS_KEPT_BYTES * tokens + LOGITS_FP32_BYTES * chunk_tokens + ent)), "gpu"))
+            if not lora:  # unsharded bf16 grads of the root + fp32 reduce-scatter input of one layer
+                out.append(Part("FSDP unsharded grads (root bf16 + 1 layer fp32)",
+                                _gib(root_unsharded + shape.layer_params() * (2 + 4)), "gpu"))
+            return out
+        if stage == "sync":
+            biggest = max(shape.layer_params(), shape.vocab * shape.hidden) * 2 if not lora else L * 2
+            return [Part("gathered weights in flight to vLLM (bf16)", _gib(biggest), "gpu")]
+        return []
+
+    fixed = [Part("CUDA context", CUDA_CONTEXT_GIB * (1 if k.vllm_in_process else 2), "gpu")]
+    if gpus > 1:
+        fixed.append(Part("NCCL buffers", NCCL_GIB, "gpu"))
+    stages = []
+    for s in ("rollout", "reference logprobs", "update", "optimizer step", "sync"):
+        trainer = state(s) + compute(s)
+        frag = FRAGMENTATION * sum(p.gib for p in trainer if p.where == "gpu")
+        parts = fixed + vllm[s] + trainer + [Part("allocator fragmentation (trainer)", frag, "gpu")]
+        parts.append(Part("process host memory", HOST_PROCESS_GIB, "host"))
+        stages.append(Stage(s, tuple(p for p in parts if p.gib > 0)))
+    per_node = min(gpus, k.gpus_per_node or gpus)
+    plan = Plan(name, P, trainable, gpus, gpu_mem_gib, seq, kv_tokens, stages, 0.0, k, notes)
+    plan.host_per_node_gib = plan.host_peak_gib * per_node
+    if plan.peak_gib > gpu_mem_gib:
+        plan.problems.append(f"peak {plan.peak_gib:.1f} GiB per GPU at '{plan.peak_stage.name}' > {gpu_mem_gib:g} GiB")
+    if seq <= kv_tokens < seq * r.max_num_seqs:
+        notes.append(f"KV cache holds {kv_tokens // seq} full-length sequences < max_num_seqs={r.max_num_seqs}: "
+                     "rollouts run below full concurrency")
+    if kv_tokens < seq:
+        plan.problems.append(f"vLLM KV cache holds {kv_tokens} tokens < one sequence of {seq} "
+                             f"(weights+workspace {v_weights + v_work:.1f} of {budget:.1f} GiB budget)")
+    if k.host_mem_gib and plan.host_per_node_gib > k.host_mem_gib:
+        plan.problems.append(f"host memory {plan.host_per_node_gib:.1f} GiB per node > {k.host_mem_gib:g} GiB")
+    return plan
+
+
+def _with(cfg: Any, key: str, value: Any) -> Any:
+    section, name = key.split(".")
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+
+
+def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs) -> list[tuple[str, Any, int]]:
+    """Candidate one-key changes that might make a plan fit, in order of preference."""
+    m, r, t = cfg.model, cfg.rollout, cfg.trainer
+    c: list[tuple[str, Any, int]] = []
+    if not m.gradient_checkpointing:
+        c.append(("model.gradient_checkpointing=true", _with(cfg, "model.gradient_checkpointing", True), gpus))
+    for mb in range(t.micro_batch_size - 1, 0, -1):  # largest micro-batch that fits
+        c2 = _with(cfg, "trainer.micro_batch_size", mb)
+        if _build(name, shape, c2, gpus, mem, k).fits:
+            c.append((f"trainer.micro_batch_size={mb}", c2, gpus))
+            break
+    if r.sleep_level == 0:
+        c.append(("rollout.sleep_level=1", _with(cfg, "rollout.sleep_level", 1), gpus))
+    for key in ("trainer.optimizer_offload", "trainer.param_offload"):
+        c.append((f"{key}={str(not getattr(t, key[8:])).lower()}", _with(cfg, key, not getattr(t, key[8:])), gpus))
+    if r.sleep_level == 1:  # no host backup of vLLM's weights; they are re-synced anyway
+        c.append(("rollout.sleep_level=2", _with(cfg, "rollout.sleep_level", 2), gpus))
+    utils = sorted((u / 100 for u in range(5, 96)), key=lambda u: abs(u - r.gpu_memory_utilization))
+    for u in utils:  # nearest utilization that fits
+        c2 = _with(cfg, "rollout.gpu_memory_utilization", u)
+        if u != r.gpu_memory_utilization and _build(name, shape, c2, gpus, mem, k).fits:
+            c.append((f"rollout.gpu_memory_utilization={u:.2f}", c2, gpus))
+            break
+    for tp in (2, 4, 8):
+        if tp > r.tensor_parallel_size and gpus % tp == 0:
+            c.append((f"rollout.tensor_parallel_size={tp}", _with(cfg, "rollout.tensor_parallel_size", tp), gpus))
+    for g in (2 * gpus, 4 * gpus, 8 * gpus):
+        c.append((f"use {g} GPUs", cfg, g))
+    return c
+
+
+def _fitting(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for label, c2, g in _single_changes(name, shape, cfg, gpus, mem, k):
+        q = _build(name, shape, c2, g, mem, k)
+        group = label.split("=")[0].split(" ")[0]  # only the smallest TP / GPU count that fits
+        if q.fits and not any(f.startswith(group) for f, _ in out):
+            out.append((label, q.peak_gib))
+    return out
+
+
+def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knobs = Knobs(), name: str = "") -> Plan:
+    """The memory plan; if it does not fit, `suggestions` lists changes (one, else two) that make it fit."""
+    p = _build(name, shape, cfg, gpus, gpu_mem_gib, knobs)
+    if p.fits:
+        return p
+    found = _fitting(name, shape, cfg, gpus, gpu_mem_gib, knobs)
+    singles = {label for label, _ in found}
+    for label, c2, g in _single_changes(name, shape, cfg, gpus, gpu_mem_gib, knobs):
+        if len(found) >= 4:
+            break
+        if label in singles or label.startswith("use "):
+            continue
+        group = label.split("=")[0]  # a change that helps but is not enough, completed by a second one
+        more = [(m, pk) for m, pk in _fitting(name, shape, c2, g, gpu_mem_gib, knobs)
+                if not m.startswith(("use ", group))]
+        if more:
+            found.append((f"{label} + {more[0][0]}", more[0][1]))
+    if not found:  # stack every switch, then search micro-batch / utilization / TP / GPUs once more
+        c2, combo = cfg, []
+        for label, _, _ in _single_changes(name, shape, cfg, gpus, gpu_mem_gib, knobs):
+            if label.endswith("=true") or label == "rollout.sleep_level=1":
+                c2, combo = _apply(c2, label), combo + [label]
+        found = [(" + ".join(combo + [m]), pk) for m, pk in _fitting(name, shape, c2, gpus, gpu_mem_gib, knobs)[:1]]
+    p.suggestions = [f"{label} (peak -> {pk:.1f} GiB)" for label, pk in found]
+    return p
+
+
+def _apply(cfg: Any, override: str) -> Any:
+    key, text = override.split("=", 1)
+    old = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+    value: Any = text == "true" if isinstance(old, bool) else type(old)(text)
+    return _with(cfg, key, value)

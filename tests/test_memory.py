@@ -1,0 +1,221 @@
+"""The memory planner (grpo_core.memory) and its CLI (jobs.plan), on CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpo_core import memory
+from grpo_core.config import load
+from grpo_core.memory import KNOWN_SHAPES, Knobs, ModelShape, lora_params, plan, shape_for
+
+ROOT = Path(__file__).resolve().parent.parent
+Q14 = KNOWN_SHAPES["Qwen2.5-14B"]
+
+
+def cfg(*overrides: str):
+    base = ["model.path=Qwen/Qwen2.5-14B-Instruct", "model.dtype=bfloat16", "model.lora_rank=32",
+            "model.gradient_checkpointing=true", "rollout.gpu_memory_utilization=0.4", "rollout.sleep_level=1",
+            "trainer.micro_batch_size=4"]
+    return load(None, base + list(overrides))
+
+
+def part(p: memory.Plan, stage: str, prefix: str) -> memory.Part:
+    return [q for s in p.stages if s.name == stage for q in s.parts if q.name.startswith(prefix)][0]
+
+
+@pytest.mark.parametrize("name, count", [
+    ("Qwen2.5-0.5B", 494_032_768),  # tied embeddings: counted once
+    ("Qwen2.5-1.5B", 1_543_714_304),
+    ("Qwen2.5-3B", 3_085_938_688),
+    ("Qwen2.5-7B", 7_615_616_512),
+    ("Qwen2.5-14B", 14_770_033_664),  # the published count
+    ("Qwen2.5-32B", 32_763_876_352),
+])
+def test_param_counts_match_published(name: str, count: int) -> None:
+    assert KNOWN_SHAPES[name].params() == count
+
+
+def test_14b_param_count_by_hand() -> None:
+    h, i, kv, v = 5120, 13824, 8 * 128, 152064
+    attn = (h * h + h) + 2 * (h * kv + kv) + h * h  # q (+bias), k, v (+bias), o (no bias)
+    layer = attn + 3 * h * i + 2 * h  # gate/up/down + two RMSNorms
+    assert 48 * layer + 2 * v * h + h == 14_770_033_664  # + embed, lm_head (untied), final norm
+
+
+def test_lora_r32_all_linear_14b() -> None:
+    # r * (in + out) per linear: q 5120+5120, k 5120+1024, v 5120+1024, o 5120+5120,
+    # gate 5120+13824, up 5120+13824, down 13824+5120 -> 89,600; x 32 = 2,867,200 per layer;
+    # x 48 layers = 137,625,600 (lm_head is not in peft's all-linear).
+    assert lora_params(Q14, 32) == 137_625_600
+    assert lora_params(Q14, 32, "q_proj,v_proj") == 48 * 32 * (10240 + 6144)
+    with pytest.raises(ValueError, match="valid: all-linear"):
+        lora_params(Q14, 32, "qkv")
+
+
+def test_counts_agree_with_transformers_and_peft() -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    hf = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=320, vocab_size=300, tie_word_embeddings=False)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf))
+    shape = memory.shape_from_config(hf)
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear"))
+    assert lora_params(shape, 8) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    del torch
+
+
+def test_shape_for_names_dirs_and_errors(tmp_path: Path) -> None:
+    assert shape_for("Qwen/Qwen2.5-14B-Instruct") == ("Qwen2.5-14B", Q14)
+    assert shape_for("/models/qwen2.5-0.5b-instruct")[0] == "Qwen2.5-0.5B"
+    assert shape_for("1.5B")[0] == "Qwen2.5-1.5B"
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+        intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False)))
+    assert shape_for(str(tmp_path))[1] == Q14
+    with pytest.raises(ValueError, match="Qwen2.5-0.5B, Qwen2.5-1.5B"):
+        shape_for("meta-llama/Llama-3-70B")
+
+
+def test_activation_formula_lora_sdpa() -> None:
+    h, i, r, s = 5120, 13824, 32, 1536
+    got = memory.layer_activation_bytes(Q14, s, full=False, targets=memory.lora_targets(Q14), rank=r, attn="sdpa")
+    # norms 2x4h (fp32 inputs) + qkv/gate-up inputs 2x2h + attention q,k,v(repeated),out 8h
+    # + SwiGLU 6i + down input 2i + LoRA A outputs 7x2r + fp32 lse 4*heads + mask bias 2s
+    assert got == 8 * h + 4 * h + 8 * h + 8 * i + 14 * r + 4 * 40 + 2 * s
+    full = memory.layer_activation_bytes(Q14, s, full=True, targets=[], rank=0, attn="flash_attention_2")
+    assert full == 12 * h + 4 * h + (4 * h + 4 * 1024) + 8 * i + 4 * 40
+
+
+def test_checkpointing_reduces_activations() -> None:
+    on = plan(Q14, cfg(), 2, 140.0)
+    off = plan(Q14, cfg("model.gradient_checkpointing=false"), 2, 140.0)
+    a_on, a_off = part(on, "update", "activations").gib, part(off, "update", "activations").gib
+    assert a_on < a_off / 5
+    assert on.peak_gib < off.peak_gib
+
+
+def test_offload_moves_state_to_host() -> None:
+    gpu = plan(Q14, cfg(), 2, 140.0)
+    off = plan(Q14, cfg("trainer.optimizer_offload=true"), 2, 140.0)
+    assert part(gpu, "update", "AdamW").where == "gpu"
+    assert part(off, "update", "AdamW").where == "host"
+    assert off.host_peak_gib > gpu.host_peak_gib
+    assert part(off, "update", "base weights").where == "gpu"
+    p_off = plan(Q14, cfg("trainer.param_offload=true"), 2, 140.0)
+    assert part(p_off, "update", "base weights").where == "host"
+    # verl-style swapping brings the optimizer in for its step only
+    swap = plan(Q14, cfg("trainer.optimizer_offload=true"), 2, 140.0, Knobs(offload_style="swap"))
+    assert part(swap, "update", "AdamW").where == "host"
+    assert part(swap, "optimizer step", "AdamW").where == "gpu"
+
+
+def test_more_gpus_shrink_sharded_parts() -> None:
+    full = cfg("model.lora_rank=0")
+    two, eight = plan(Q14, full, 2, 140.0), plan(Q14, full, 8, 140.0)
+    for name in ("weights", "AdamW", "gradients"):
+        assert part(eight, "update", name).gib == pytest.approx(part(two, "update", name).gib / 4)
+    assert part(eight, "update", "activations").gib == part(two, "update", "activations").gib
+    assert eight.peak_gib < two.peak_gib
+
+
+def test_sleep_frees_vllm_during_update_and_backs_up_weights() -> None:
+    awake, asleep = plan(Q14, cfg("rollout.sleep_level=0"), 2, 140.0), plan(Q14, cfg(), 2, 140.0)
+    upd = {s.name: s for s in awake.stages}["update"]
+    assert any(q.name.startswith("vLLM KV") for q in upd.parts)
+    assert part(asleep, "update", "vLLM weights backed up").where == "host"
+    level2 = plan(Q14, cfg("rollout.sleep_level=2"), 2, 140.0)
+    assert level2.host_peak_gib < asleep.host_peak_gib
+    assert awake.peak_gib > asleep.peak_gib
+
+
+def test_kv_cache_and_rollout_budget() -> None:
+    p = plan(Q14, cfg(), 2, 140.0)
+    # 2 (K,V) x 48 layers x 8 kv heads x 128 x 2 bytes per token
+    per_token = 2 * 48 * 8 * 128 * 2
+    assert p.kv_tokens == int(part(p, "rollout", "vLLM KV").gib * memory.GIB // per_token)
+    rollout = {s.name: s for s in p.stages}["rollout"]
+    vllm = sum(q.gib for q in rollout.parts if q.name.startswith("vLLM"))
+    assert vllm == pytest.approx(0.4 * 140.0)
+
+
+def test_fits_verdict() -> None:
+    p = plan(Q14, cfg(), 2, 140.0)
+    assert p.fits and not p.suggestions and p.peak_gib < 140.0
+
+
+def test_suggestions_make_it_fit() -> None:
+    big = cfg("model.lora_rank=0", "rollout.sleep_level=0", "rollout.tensor_parallel_size=4",
+              "rollout.gpu_memory_utilization=0.5", "trainer.micro_batch_size=16",
+              "trainer.param_offload=true", "trainer.optimizer_offload=true")
+    p = plan(Q14, big, 4, 80.0)
+    assert not p.fits and "update" in p.problems[0]
+    labels = [s.split(" (")[0] for s in p.suggestions]
+    assert "rollout.sleep_level=1" in labels
+    mb = [lab for lab in labels if lab.startswith("trainer.micro_batch_size=")]
+    assert mb and plan(Q14, memory._apply(big, mb[0]), 4, 80.0).fits
+    assert not plan(Q14, memory._apply(big, f"trainer.micro_batch_size={int(mb[0].split('=')[1]) + 1}"), 4, 80.0).fits
+
+
+def test_checkpointing_is_suggested_first() -> None:
+    p = plan(Q14, cfg("model.gradient_checkpointing=false", "trainer.micro_batch_size=8"), 2, 140.0)
+    assert not p.fits and p.suggestions[0].startswith("model.gradient_checkpointing=true")
+
+
+def test_kv_cache_too_small_suggests_utilization() -> None:
+    p = plan(Q14, cfg("rollout.gpu_memory_utilization=0.2"), 1, 140.0)
+    assert any("KV cache" in x for x in p.problems)
+    assert any(s.startswith("rollout.gpu_memory_utilization=0.2") for s in p.suggestions)
+
+
+def test_gpus_must_divide_tensor_parallel() -> None:
+    with pytest.raises(ValueError, match="multiple of rollout.tensor_parallel_size"):
+        plan(Q14, cfg("rollout.tensor_parallel_size=4"), 2, 140.0)
+
+
+def test_json_round_trip() -> None:
+    d = plan(Q14, cfg(), 2, 140.0).to_dict()
+    json.dumps(d)
+    assert d["peak_stage"] in [s["name"] for s in d["stages"]]
+    assert d["constants"]["CUDA_CONTEXT_GIB"] == memory.CUDA_CONTEXT_GIB
+    assert [s["name"] for s in d["stages"]] == ["rollout", "reference logprobs", "update", "optimizer step", "sync"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "jobs.plan", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_config_text_and_json(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text("model: {path: Qwen/Qwen2.5-14B-Instruct, dtype: bfloat16, lora_rank: 32, "
+                         "gradient_checkpointing: true}\nrollout: {gpu_memory_utilization: 0.4, sleep_level: 1}\n")
+    r = run_cli("--config", str(yaml_file), "--gpus", "2", "--gpu-mem-gib", "140", "trainer.micro_batch_size=4")
+    assert r.returncode == 0, r.stderr
+    for stage in ("[rollout]", "[reference logprobs]", "[update]", "[optimizer step]", "[sync]"):
+        assert stage in r.stdout
+    assert "verdict: fits" in r.stdout
+    r = run_cli("--config", str(yaml_file), "--gpus", "2", "--gpu-mem-gib", "40", "--json")
+    assert r.returncode == 1
+    d = json.loads(r.stdout)
+    assert not d["fits"] and d["suggestions"]
+
+
+def test_cli_profile() -> None:
+    r = run_cli("--profile", "h800x4", "train.rollout.sleep_level=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 GPU(s) x 80 GiB" in r.stdout and "verdict: fits" in r.stdout
+    r = run_cli("--profile", "h800x4", "--gpu-mem-gib", "40")
+    assert r.returncode == 1 and "would fit with:" in r.stdout
+
+
+def test_cli_bad_input() -> None:
+    r = run_cli("--profile", "h100x2", "train.model.path=gpt2-xl")
+    assert r.returncode == 2 and r.stderr.startswith("plan: cannot tell the model shape")
+    r = run_cli("--profile", "local")
+    assert r.returncode == 2 and "--gpus" in r.stderr
