@@ -114,7 +114,12 @@ def _looks_like_path(name: str) -> bool:
     return name.endswith((".yaml", ".yml")) or os.sep in name
 
 
-def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
+def find_profile(name_or_path: str, relative_to: Path | None = None, skip: tuple[Path, ...] = ()) -> Path:
+    """A path, or the first profile of that name on the search path that is not in `skip`.
+
+    `skip` lets a user's local.yaml say `extends: local` (or extend a shipped
+    profile that does) and get the shipped one instead of itself.
+    """
     if _looks_like_path(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.is_absolute() and relative_to is not None and (relative_to / path).is_file():
@@ -122,10 +127,12 @@ def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
         if not path.is_file():
             raise ConfigError(f"profile file not found: {name_or_path}")
         return path
+    for folder in search_path():
+        path = folder / f"{name_or_path}.yaml"
+        if path.is_file() and path.resolve() not in skip:
+            return path
     known = list_profiles()
-    if name_or_path not in known:
-        raise ConfigError(f"unknown profile '{name_or_path}'; known profiles: {', '.join(known) or '(none)'}")
-    return known[name_or_path]
+    raise ConfigError(f"unknown profile '{name_or_path}'; known profiles: {', '.join(known) or '(none)'}")
 
 
 def describe(path: Path) -> str:
@@ -167,7 +174,7 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(parent, str) or not parent:
         raise ConfigError(f"profile {path.stem}: 'extends' must be a profile name or path")
-    base = _read_raw(find_profile(parent, relative_to=path.parent), seen + (path,))
+    base = _read_raw(find_profile(parent, relative_to=path.parent, skip=seen + (path,)), seen + (path,))
     base.pop("description", None)  # a description belongs to one file
     return deep_merge(base, data)
 
@@ -251,11 +258,13 @@ def _check_cluster(c: ClusterConfig, train: TrainConfig) -> None:
 
 def profile_from_data(name: str, data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "") -> Profile:
     """Merged profile data + dotted overrides -> a validated Profile."""
+    if not name.isprintable():
+        raise ConfigError(f"profile name {name!r}: use printable characters")
     data = dict(data)
     description = data.pop("description", "") or ""
     data.pop("extends", None)
-    plain, entries = _split_overrides(overrides)
     try:
+        plain, entries = _split_overrides(overrides)
         merged = apply_overrides(_ProfileData, {"cluster": dict(data.get("cluster") or {}),
                                                 "train": dict(data.get("train") or {})}, plain)
         cluster = dict(merged["cluster"])

@@ -20,6 +20,7 @@ import jinja2
 from submitit.slurm import slurm as submitit_slurm
 
 from jobs.profiles import TEMPLATES_DIR, Profile
+from jobs.runs import NAME_RE
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class RunSpec:
     run_dir: str  # absolute
     workdir: str  # absolute; the job cds here
     python: str = "python3"  # a shell command (already quoted), like submitit's `python`
+
+    def __post_init__(self) -> None:
+        # The name also lands in a comment line and in #SBATCH --job-name: one plain word.
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"run name {self.name!r}: use letters, digits, '.', '_' and '-'")
 
     @property
     def slurm_dir(self) -> str:

@@ -1,0 +1,226 @@
+"""Run directories and the scheduler facts jobs.status/resubmit/cancel read.
+
+A run dir is keyed by run name (runs/<name>), not by job id: every job of a
+run (first submission, requeues, resubmissions) writes into it. jobs.* own
+run.json (job ids, submission times, a cancel marker); the trainer owns
+status.json, metrics.jsonl and checkpoints/ (docs/CONTRACTS.md).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+RUNS_ENV = "GRPO_RUNS_DIR"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING",
+          "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+FAILED = {"FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE"}
+
+
+class JobsError(Exception):
+    """A user-facing problem; the CLIs print its one-line message and exit non-zero."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def runs_root(explicit: str | None = None) -> Path:
+    return Path(explicit or os.environ.get(RUNS_ENV) or "runs").expanduser().absolute()
+
+
+def resolve_run(name_or_path: str, root: Path) -> Path:
+    """A run name under `root`, or a path to a run dir."""
+    for candidate in (root / name_or_path, Path(name_or_path).expanduser()):
+        if (candidate / "run.json").is_file():
+            return candidate.absolute()
+    known = ", ".join(p.name for p in recent_runs(root, limit=8)) or "(none)"
+    raise JobsError(f"no run '{name_or_path}' under {root}; recent runs: {known}")
+
+
+def recent_runs(root: Path, limit: int = 20) -> list[Path]:
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if (p / "run.json").is_file()]
+    return sorted(dirs, key=lambda p: (p / "run.json").stat().st_mtime, reverse=True)[:limit]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise JobsError(f"{path}: unreadable ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """The trainer's status.json, or {} before the trainer first writes it."""
+    try:
+        return read_json(run_dir / "status.json")
+    except JobsError:
+        return {}  # replaced atomically, so this is a partial copy or a foreign file
+
+
+def last_job(info: dict[str, Any]) -> dict[str, Any]:
+    jobs = info.get("jobs") or []
+    return jobs[-1] if jobs else {}
+
+
+# ---------------------------------------------------------------- scheduler
+
+def _run(cmd: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def one_line(text: str) -> str:
+    """The most telling line of a Slurm tool's stderr."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["(no message)"])[-1]
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise JobsError(f"'{name}' not found on PATH: run this on a Slurm login node "
+                        "(or use --profile local to train on this machine)")
+    return path
+
+
+def slurm_state(job_id: str) -> str:
+    """RUNNING, PENDING, ... while queued; the final sacct state after; UNKNOWN if Slurm cannot say."""
+    if shutil.which("squeue") is None:
+        return "UNKNOWN"
+    try:
+        out = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+    except (OSError, subprocess.TimeoutExpired):
+        return "UNKNOWN"
+    if out.returncode == 0 and out.stdout.strip():
+        return out.stdout.split()[0]
+    if out.returncode != 0 and "invalid job id" not in out.stderr.lower():
+        return "UNKNOWN"  # the controller did not answer
+    if shutil.which("sacct") is None:
+        return "ENDED"
+    try:
+        acct = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    except (OSError, subprocess.TimeoutExpired):
+        return "ENDED"
+    states = [line.split()[0] for line in acct.stdout.splitlines() if line.strip()]
+    return states[-1] if acct.returncode == 0 and states else "ENDED"
+
+
+def local_alive(pid: int, run_dir: Path) -> bool:
+    """The local launcher's process is alive and still ours (pids get reused)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return str(run_dir) in cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+    return True
+
+
+def job_state(info: dict[str, Any], run_dir: Path) -> str:
+    job = last_job(info)
+    if not job:
+        return "NONE"
+    if info.get("launcher") == "local":
+        return "RUNNING" if local_alive(int(job.get("pid", 0)), run_dir) else "ENDED"
+    return slurm_state(str(job["id"]))
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What jobs.status shows for one run."""
+
+    name: str
+    run_dir: Path
+    state: str  # pending | running | requeued | finished | stopped | cancelled | failed | unknown
+    job_id: str
+    job_state: str
+    step: int | None
+    total_steps: int | None
+    last_reward: float | None
+    restarts: int
+    latest_checkpoint: str | None
+    mlflow_run_id: str | None
+    mlflow_uri: str | None
+    log: str
+
+
+def derive_state(info: dict[str, Any], status: dict[str, Any], sched: str) -> str:
+    """One word from the scheduler's view and the trainer's view."""
+    trainer = status.get("state")
+    if trainer == "finished":
+        return "finished"
+    if sched in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+        return "requeued" if trainer in ("preempted", "running") else "pending"
+    if sched in ACTIVE:
+        return "running"
+    if sched == "UNKNOWN":
+        return "unknown"
+    if info.get("cancel_requested") or sched.startswith("CANCELLED"):
+        return "cancelled"
+    if trainer == "preempted":
+        return "stopped"
+    return "failed"  # ended without finishing: crashed, timed out, never started
+
+
+def log_path(info: dict[str, Any], run_dir: Path) -> str:
+    job = last_job(info)
+    if info.get("launcher") == "local":
+        return str(run_dir / "local.log")
+    return str(run_dir / "slurm" / f"{job.get('id', '%j')}_0_log.out")
+
+
+def view(run_dir: Path) -> RunView:
+    info = read_json(run_dir / "run.json")
+    status = read_status(run_dir)
+    sched = job_state(info, run_dir)
+    reward = status.get("last_reward")
+    return RunView(
+        name=str(info.get("name", run_dir.name)), run_dir=run_dir, state=derive_state(info, status, sched),
+        job_id=str(last_job(info).get("id", "-")), job_state=sched,
+        step=status.get("step"), total_steps=status.get("total_steps"),
+        last_reward=float(reward) if isinstance(reward, (int, float)) else None,
+        restarts=int(status.get("restarts") or 0), latest_checkpoint=status.get("latest_checkpoint"),
+        mlflow_run_id=status.get("mlflow_run_id"), mlflow_uri=status.get("mlflow_tracking_uri"),
+        log=log_path(info, run_dir),
+    )
+
+
+def mlflow_hint(uri: str | None, run_id: str | None, experiment: str = "") -> str:
+    """How to open the run: the server's URL, or the local UI command for a file database."""
+    if not uri:
+        return "-"
+    where = f"run {run_id}" if run_id else "run id known once the job starts"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}  ({where}; experiment '{experiment}')" if experiment else f"{uri}  ({where})"
+    return f"{where}; open: mlflow ui --backend-store-uri {uri}"
