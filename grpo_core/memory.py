@@ -105,20 +105,30 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
         head_dim=int(cfg.get("head_dim") or 0))
 
 
-def shape_for(model_path: str) -> tuple[str, ModelShape]:
-    """(name, shape) from a local HF dir's config.json, else a known Qwen2.5 size in the name."""
-    cfg_file = Path(model_path) / "config.json"
-    if cfg_file.is_file():
-        return Path(model_path).name, shape_from_config(json.loads(cfg_file.read_text()))
+def _known_name(model_path: str) -> str | None:
     sizes = set(re.findall(r"(?<![\d.])(\d+(?:\.\d+)?)b(?![a-z0-9])", model_path.lower()))
     hits = [name for name in KNOWN_SHAPES if name.split("-")[1][:-1] in sizes]
-    if len(hits) != 1:
+    return hits[0] if len(hits) == 1 else None
+
+
+def shape_name(model_path: str) -> str:
+    """A display name: the known Qwen2.5 size named in the path, else the path's last part."""
+    return _known_name(model_path) or Path(model_path).name or model_path
+
+
+def shape_for(model_path: str) -> ModelShape:
+    """From a local HF dir's config.json, else the one known Qwen2.5 size in the name ("...14B...")."""
+    cfg_file = Path(model_path) / "config.json"
+    if cfg_file.is_file():
+        return shape_from_config(json.loads(cfg_file.read_text()))
+    name = _known_name(model_path)
+    if name is None:
         raise ValueError(f"cannot tell the model shape of {model_path!r}: not a local dir with config.json and "
                          f"not one known size; known: {', '.join(KNOWN_SHAPES)}")
-    return hits[0], KNOWN_SHAPES[hits[0]]
+    return KNOWN_SHAPES[name]
 
 
-def shape_for_model(model: Any) -> tuple[str, ModelShape]:
+def shape_for_model(model: Any) -> ModelShape:
     """shape_for(model.path), or for a `model.tiny` not built yet, the shape grpo_core.tiny will build."""
     try:
         return shape_for(model.path)
@@ -126,7 +136,7 @@ def shape_for_model(model: Any) -> tuple[str, ModelShape]:
         if not model.tiny:
             raise
     heads = max(1, model.tiny_hidden // 32)  # as grpo_core.tiny.build_tiny_model; vocab ~ its default 64
-    return "tiny", ModelShape(model.tiny_hidden, model.tiny_layers, heads, max(1, heads // 2), 2 * model.tiny_hidden, 64, False)
+    return ModelShape(model.tiny_hidden, model.tiny_layers, heads, max(1, heads // 2), 2 * model.tiny_hidden, 64, False)
 
 
 def lora_targets(shape: ModelShape, targets: str = "all-linear") -> list[str]:
@@ -234,6 +244,14 @@ class Plan:
     def fits(self) -> bool:
         return not self.problems
 
+    def parts_by_name(self) -> list[dict[str, Any]]:
+        """Each part once, with the stages it is present in."""
+        seen: dict[tuple[str, str, float], list[str]] = {}
+        for s in self.stages:
+            for p in s.parts:
+                seen.setdefault((p.name, p.where, round(p.gib, 3)), []).append(s.name)
+        return [{"name": n, "where": w, "gib": g, "stages": st} for (n, w, g), st in seen.items()]
+
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "params": self.params, "trainable": self.trainable, "gpus": self.gpus,
                 "gpu_mem_gib": self.gpu_mem_gib, "seq_len": self.seq_len, "kv_tokens": self.kv_tokens,
@@ -243,6 +261,7 @@ class Plan:
                 "problems": self.problems, "suggestions": self.suggestions, "notes": self.notes,
                 "knobs": dataclasses.asdict(self.knobs),
                 "constants": {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float))},
+                "parts": self.parts_by_name(),
                 "stages": [{"name": s.name, "gpu_gib": round(s.total("gpu"), 3), "host_gib": round(s.total("host"), 3),
                             "parts": [dataclasses.asdict(p) | {"gib": round(p.gib, 3)} for p in s.parts]}
                            for s in self.stages]}
@@ -315,8 +334,10 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
             out.append(Part(f"LoRA adapter (fp32, /{w})", _gib(L * 4 / w), pw))
         else:
             out.append(Part(f"weights ({m.dtype} master, /{w})", _gib(P * dbytes / w), pw))
-            if cfg.algorithm.kl_coef > 0:
-                out.append(Part(f"reference model (bf16, /{w})", _gib(P * 2 / w), pw))
+            if cfg.algorithm.kl_coef > 0:  # a frozen bf16 copy; "swap" brings it in for its own stage only
+                rw = pw if k.offload_style == "fsdp2" or not t.param_offload else (
+                    "gpu" if stage == "reference logprobs" else "host")
+                out.append(Part(f"reference model (bf16, /{w})", _gib(P * 2 / w), rw))
         if stage in ("update", "optimizer step"):
             out.append(Part(f"{'LoRA ' if lora else ''}gradients ({'fp32' if lora else m.dtype}, /{w})",
                             _gib(trainable * tbytes / w), pw))
@@ -342,13 +363,11 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
             return [fsdp, Part(f"forward workspace (1 layer, {tokens} tokens)", _gib(act_layer * tokens), "gpu"),
                     Part("logits (bf16) + fp32 log-softmax chunk", _gib(shape.vocab * (2 * tokens + 8 * chunk_tokens)), "gpu")]
         if stage == "update":
-            if m.gradient_checkpointing:
-                a = shape.layers * ACT * shape.hidden + act_layer  # layer inputs + one layer recomputed
-                what = "checkpointed: layer inputs + 1 layer recomputed"
-            else:
-                a = shape.layers * act_layer
-                what = "no checkpointing: all layers"
-            out = [fsdp, Part(f"activations ({what}, {tokens} tokens)", _gib((a + final) * tokens), "gpu"),
+            ckpt = (shape.layers * ACT * shape.hidden + act_layer + final) * tokens  # layer inputs + 1 layer recomputed
+            no_ckpt = (shape.layers * act_layer + final) * tokens
+            what, a, alt = (("checkpointed", ckpt, f"{_gib(no_ckpt):.1f} GiB without checkpointing")
+                            if m.gradient_checkpointing else ("all layers", no_ckpt, f"{_gib(ckpt):.1f} GiB with checkpointing"))
+            out = [fsdp, Part(f"activations ({what}, {tokens} tokens)", _gib(a), "gpu", alt),
                    Part("backward workspace (1 layer)", BACKWARD_WORKSPACE * _gib(act_layer * tokens), "gpu")]
             ent = ENTROPY_BYTES * tokens if cfg.algorithm.entropy_coef > 0 else 0
             out.append(Part("logits: bf16 + grad, fp32 chunk" + (", entropy" if ent else ""),
@@ -438,6 +457,14 @@ def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knob
     """The memory plan; if it does not fit, `suggestions` lists changes (one, else two) that make it fit."""
     p = _build(name, shape, cfg, gpus, gpu_mem_gib, knobs)
     if p.fits:
+        r = cfg.rollout
+        if p.kv_tokens < p.seq_len * r.max_num_seqs:  # headroom could go to the KV cache (rollout throughput)
+            for u in range(95, round(r.gpu_memory_utilization * 100), -1):
+                q = _build(name, shape, _with(cfg, "rollout.gpu_memory_utilization", u / 100), gpus, gpu_mem_gib, knobs)
+                if q.fits:
+                    p.notes.append(f"rollout.gpu_memory_utilization={u / 100:.2f} still fits (peak {q.peak_gib:.1f} GiB):"
+                                   f" KV cache for {q.kv_tokens // q.seq_len} full-length sequences")
+                    break
         return p
     found = _fitting(name, shape, cfg, gpus, gpu_mem_gib, knobs)
     singles = {label for label, _ in found}

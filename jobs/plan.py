@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, gpus, per_node, host_gib = _resolve(args)
         if gpus < 1:
             raise ConfigError("how many GPUs? pass --gpus N (or a profile with cluster.gpus_per_node)")
-        name, shape = memory.shape_for_model(cfg.model)
+        shape, name = memory.shape_for_model(cfg.model), memory.shape_name(cfg.model.path)
         knobs = memory.Knobs(logprob_chunk=args.logprob_chunk, offload_style=args.offload_style,
                              vllm_in_process=not args.vllm_process, gpus_per_node=per_node,
                              host_mem_gib=host_gib)
