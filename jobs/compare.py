@@ -222,7 +222,8 @@ def render(runs: list[RunData], fmt: str) -> str:
     rows.append(["params that differ" if diff else "params: all equal", *([""] * len(runs))])
     rows += [[f"  {k}", *(_fmt(r.params.get(k)) for r in runs)] for k in diff]
     rows.append(["metrics", *([""] * len(runs))])
-    rows += [[f"  {c}", *(_fmt(r.metrics[c], c) for r in runs)] for c in METRIC_COLUMNS]
+    rows += [[f"  {c.replace('wall_time_s', 'wall_time')}", *(_fmt(r.metrics[c], c) for r in runs)]
+             for c in METRIC_COLUMNS]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -233,6 +234,7 @@ def plot(runs: list[RunData], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -247,6 +249,7 @@ def plot(runs: list[RunData], out_dir: Path) -> list[Path]:
                 steps, values = zip(*points)
                 ax.plot(steps, values, color=colours[i % len(colours)], linewidth=2,
                         marker="o" if len(points) < 30 else None, markersize=4, label=r.label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title(key)

@@ -1,6 +1,6 @@
 """A real `mlflow server` on 127.0.0.1 for tests.
 
-- `MlflowServer(tmp_dir)`: start()/stop()/kill() a server on a fixed free port
+- `MlflowServer(tmp_dir)`: start()/stop()/kill()/pause() a server on a fixed free port
   with a SQLite store in tmp_dir; start() again reuses port and database.
 - `running_mlflow_server(tmp_dir)`: context manager yielding the URI.
 - `mlflow_server`: session-scoped pytest fixture yielding the URI; import it
@@ -99,6 +99,11 @@ class MlflowServer:
     def kill(self) -> None:
         """A crash, not a shutdown."""
         self._signal(signal.SIGKILL, wait=10)
+
+    def pause(self, paused: bool = True) -> None:
+        """A hung server: connections are accepted but never answered (SIGSTOP/SIGCONT)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
 
 @contextlib.contextmanager

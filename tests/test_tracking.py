@@ -109,13 +109,16 @@ def test_outage_buffers_and_recovers(
         assert run_b.info.status == "KILLED" and run_b.info.run_name == "b"
         assert run_b.data.params["rollout.n"] == "5" and run_b.data.tags["slurm_job_id"] == "11"
 
-        # A preempted job restarts while the server is down: replayed steps 7..8 are dropped
-        # once the tracker learns that MLflow already has them.
-        server.kill()
+        # A preempted job restarts while the server hangs (accepts, never answers): the
+        # replayed steps 7..8 are dropped once the tracker learns MLflow already has them.
+        monkeypatch.setattr(Tracker, "retry_min_s", 30.0)  # each try now costs the 2 s timeout
+        server.pause()
+        start = time.monotonic()
         resumed = _tracker(uri, tmp_path / "a", run_id=a.run_id)
         for step in (7, 8, 9):
             resumed.log_metrics({"reward_mean": float(step)}, step)
-        server.start()
+        assert time.monotonic() - start < 10
+        server.pause(False)
         resumed.finish("FINISHED")
         assert _steps(client, a.run_id) == list(range(1, 10))
     finally:
