@@ -32,6 +32,7 @@ class ModelConfig:
     lora_target_modules: str = "all-linear"  # or comma-separated module names
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
+    load_format: str = "auto"  # vLLM's; "dummy" = random weights (benchmarks)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""One process-group set-up for 1 and N ranks (Slurm, torchrun or nothing).
+
+World size 1 still gets a (gloo or NCCL) process group, so FSDP2 and the
+rank-agreement collectives take exactly the path they take on N ranks.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return default
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_slurm_host() -> str | None:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        hosts = out.stdout.split()
+        return hosts[0] if hosts else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def init_distributed(device_pref: str = "auto") -> DistInfo:
+    """Join (or create) the process group; idempotent within a process."""
+    # torchrun's variables win over Slurm's: torchrun may run inside an allocation.
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if world == 1:
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            addr = os.environ.get("MASTER_ADDR") or _first_slurm_host() or "127.0.0.1"
+            # A port derived from the job id keeps concurrent jobs on one node apart.
+            port = os.environ.get("MASTER_PORT") or str(20000 + _env_int("SLURM_JOB_ID", default=0) % 20000)
+            init_method = f"tcp://{addr}:{port}"
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
+            device_id=device if use_cuda else None,
+        )
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (preemption agreement)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_mean(values: dict[str, float]) -> dict[str, float]:
+    if dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

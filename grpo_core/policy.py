@@ -1,0 +1,179 @@
+"""The trained model: HF causal LM + optional peft LoRA, sharded with FSDP2.
+
+The same path serves 1 and N ranks: every decoder layer and the root are
+`fully_shard`-ed over a 1-D mesh of all ranks. For LoRA the reference policy
+is the same module with the adapter disabled (no second copy); for full
+fine-tuning it is a frozen, equally sharded copy.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from .algorithm import entropy_from_logits, token_logprobs
+from .config import ModelConfig, TrainerConfig
+from .distributed import DistInfo
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    raise ValueError("could not find the decoder layers to shard")
+
+
+def _lora_targets(spec: str) -> str | list[str]:
+    return "all-linear" if spec == "all-linear" else [s.strip() for s in spec.split(",") if s.strip()]
+
+
+class Policy:
+    def __init__(self, model_path: str, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, info: DistInfo) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = model_cfg
+        self.info = info
+        self.is_lora = model_cfg.lora_rank > 0
+        dtype = DTYPES[model_cfg.dtype]
+        # Full fine-tuning keeps fp32 master weights and computes in bf16;
+        # LoRA keeps the frozen base in the compute dtype (half the memory).
+        load_dtype = dtype if self.is_lora else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=load_dtype, attn_implementation=model_cfg.attn_implementation
+        )
+        model.config.use_cache = False
+        if model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.reference: nn.Module | None = None
+        if self.is_lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha,
+                target_modules=_lora_targets(model_cfg.lora_target_modules), lora_dropout=0.0, bias="none",
+            )
+            model = get_peft_model(model, lora)
+            # Adapter weights train in fp32 even over a bf16 base.
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+            if model_cfg.gradient_checkpointing:
+                model.enable_input_require_grads()
+        else:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.mesh = init_device_mesh(info.device.type, (info.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+        offload = CPUOffloadPolicy() if trainer_cfg.param_offload and info.device.type == "cuda" else None
+        for module in [model] + ([self.reference] if self.reference is not None else []):
+            self._shard(module, mp, offload)
+        self.model = model
+
+    def _shard(self, module: nn.Module, mp: MixedPrecisionPolicy | None, offload: CPUOffloadPolicy | None) -> None:
+        kwargs: dict = {"mesh": self.mesh}
+        if mp is not None:
+            kwargs["mp_policy"] = mp
+        if offload is not None:
+            kwargs["offload_policy"] = offload
+        for layer in _decoder_layers(module):
+            fully_shard(layer, **kwargs)
+        fully_shard(module, **kwargs)
+        if offload is None:
+            module.to(self.info.device)
+
+    # ------------------------------------------------------------ compute
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward_logprobs(
+        self, input_ids: Tensor, attention_mask: Tensor, temperature: float, *, reference: bool = False,
+        with_entropy: bool = False, entropy_grad: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs of input_ids[:, 1:] under the policy, shape [B, T-1] (fp32)."""
+        if reference and self.is_lora:
+            ctx = self.model.disable_adapter()
+            module = self.model
+        else:
+            ctx = nullcontext()
+            module = self.reference if reference else self.model
+        with ctx:
+            logits = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = logits[:, :-1]
+        if temperature != 1.0:
+            logits = logits / temperature
+        logprobs = token_logprobs(logits, input_ids[:, 1:])
+        entropy = None
+        if with_entropy and entropy_grad:
+            entropy = entropy_from_logits(logits)
+        elif with_entropy:
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits.detach())
+        return logprobs, entropy
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm if max_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # ------------------------------------------------------------ state
+    def _options(self, **kw) -> StateDictOptions:
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, **kw)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Full (gathered) trainable tensors on CPU; complete on rank 0."""
+        return get_model_state_dict(self.model, options=self._options())
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        set_model_state_dict(self.model, state, options=self._options(strict=False))
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        return get_optimizer_state_dict(self.model, optimizer, options=self._options())
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        set_optimizer_state_dict(self.model, optimizer, state, options=self._options())
+
+    def iter_full_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+        """HF-named full weights, one tensor at a time (gathered from shards
+        as they go, so no rank ever holds the whole model twice)."""
+        for name, param in self.model.named_parameters():
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
+            yield name, full.detach().to(dtype)
+
+    def save_lora_adapter(self, directory: Path, state: dict[str, Tensor] | None = None) -> None:
+        """Write the adapter in peft's on-disk format (what vLLM loads)."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        state = state if state is not None else self.trainable_state_dict()
+        if self.info.rank != 0:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        adapter = get_peft_model_state_dict(self.model, state_dict=state)
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(directory / "adapter_model.safetensors"))
+        config = self.model.peft_config["default"].to_dict()
+        config["target_modules"] = sorted(config["target_modules"]) if isinstance(config["target_modules"], (set, list)) else config["target_modules"]
+        (directory / "adapter_config.json").write_text(json.dumps(config, indent=1, default=str))
+
+
+def broadcast_object(obj, src: int = 0):
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

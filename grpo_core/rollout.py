@@ -1,0 +1,139 @@
+"""The one vLLM adapter: generation, weight/LoRA sync, sleep/wake.
+
+Only this module imports vllm. The engine lives in the training process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) so new weights reach it by reference,
+without a second copy or a restart.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from .config import RolloutConfig
+
+
+@dataclass(frozen=True)
+class Sample:
+    token_ids: tuple[int, ...]
+    text: str
+    truncated: bool  # stopped by max_tokens, not by EOS
+
+
+def _prepare_env(cfg: RolloutConfig, on_cpu: bool) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    if on_cpu:
+        # vLLM's CPU backend otherwise takes ~90% of RAM for KV cache and
+        # reserves a core for itself (we have two).
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.cpu_kv_cache_gib))))
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+class RolloutEngine:
+    def __init__(
+        self, model_path: str, cfg: RolloutConfig, *, dtype: str, seed: int, max_model_len: int,
+        lora_rank: int = 0, on_cpu: bool = True, load_format: str = "auto",
+    ) -> None:
+        _prepare_env(cfg, on_cpu)
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.on_cpu = on_cpu
+        self.lora_rank = lora_rank
+        self._lora_version = 0
+        self._lora_path: str | None = None
+        kwargs = dict(
+            model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            enforce_eager=cfg.enforce_eager or on_cpu, max_num_seqs=cfg.max_num_seqs,
+            enable_prefix_caching=cfg.enable_prefix_caching, tensor_parallel_size=cfg.tensor_parallel_size,
+            load_format=load_format,
+            # A budget that fits a whole step's prefills avoids chunked
+            # prefill, whose token discards the CPU sampler cannot rewind.
+            max_num_batched_tokens=max(8192, min(cfg.max_num_seqs, 256) * max_model_len) if on_cpu else None,
+        )
+        if not on_cpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = cfg.sleep_level > 0
+        if lora_rank > 0:
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1)
+        self.llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
+
+    # ------------------------------------------------------------ generate
+    def _lora_request(self):
+        if self.lora_rank <= 0 or self._lora_path is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        # load_inplace: the same id with new tensors, else vLLM serves the old adapter.
+        return LoRARequest("policy", 1, self._lora_path, load_inplace=True)
+
+    def generate(
+        self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float, max_tokens: int,
+        seeds: list[int] | None,
+    ) -> list[list[Sample]]:
+        """n samples per prompt; a per-prompt seed makes a step replayable."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                seed=None if seeds is None else seeds[i], detokenize=True,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=self._lora_request()
+        )
+        return [
+            [Sample(tuple(c.token_ids), c.text, c.finish_reason == "length") for c in out.outputs] for out in outputs
+        ]
+
+    def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[Sample]:
+        return [s[0] for s in self.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, seeds=None)]
+
+    def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
+        """The engine's log-probs of `response` after `prompt` (the sync check)."""
+        from vllm import SamplingParams
+
+        ids = list(prompt) + list(response)
+        out = self.llm.generate(
+            [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+            use_tqdm=False, lora_request=self._lora_request(),
+        )[0]
+        entries = out.prompt_logprobs[len(prompt):]
+        return [entry[tok].logprob for entry, tok in zip(entries, response)]
+
+    # ------------------------------------------------------------ sync
+    def load_full_weights(self, weights: Iterable[tuple[str, Tensor]]) -> float:
+        """Replace every weight in place; returns seconds taken."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
+
+    def load_lora(self, adapter_dir: Path) -> float:
+        start = time.perf_counter()
+        self._lora_path = str(adapter_dir)
+        self._lora_version += 1
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Shut the engine down while the process group it joined still exists."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    # ------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        if self.cfg.sleep_level and not self.on_cpu:
+            self.llm.sleep(level=self.cfg.sleep_level)
+
+    def wake_up(self) -> None:
+        if self.cfg.sleep_level and not self.on_cpu:
+            self.llm.wake_up()

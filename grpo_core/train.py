@@ -1,0 +1,368 @@
+"""The GRPO loop, top to bottom.
+
+    rollout (vLLM) -> reward -> group advantages -> reference log-probs
+    -> policy update (mini-batches of micro-batches) -> weight sync -> log
+    -> validate every k steps -> checkpoint every k steps or on preemption
+
+    python -m grpo_core.train --config FILE [dotted.key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from . import algorithm, checkpoint, config, distributed, rundir
+from .batch import RolloutBatch, pack
+from .config import ConfigError, TrainConfig
+from .data import DataError, PromptSampler, build_prompt
+from .preemption import Preemption
+from .reward import gsm8k_score
+from .setup import ModelPathError, load_task, resolve_model
+from .tracking import Tracker
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved, ask to be run again
+TIMING_KEYS = ("time_rollout", "time_reference", "time_update", "time_sync", "time_step", "tokens_per_s", "time_validation")
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "preempted"
+    step: int
+    run_dir: Path
+    mlflow_run_id: str | None
+
+
+def rollout_seeds(seed: int, step: int, prompt_ids: list[int]) -> list[int]:
+    """Per-prompt sampling seeds: a replayed step samples the same tokens."""
+    return [(seed * 1_000_003 + step * 10_007 + i) % (2**31 - 1) for i in prompt_ids]
+
+
+def forward_backward(policy, mb: RolloutBatch, cfg: TrainConfig, loss_scale: float) -> dict[str, float]:
+    """One micro-batch: loss, backward, stats. `loss_scale` turns the
+    micro-batch's own aggregate into its share of the mini-batch's."""
+    a = cfg.algorithm
+    logprobs, entropy = policy.forward_logprobs(
+        mb.input_ids, mb.attention_mask, cfg.rollout.temperature, with_entropy=True, entropy_grad=a.entropy_coef != 0
+    )
+    old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+    loss, stats = algorithm.policy_loss(
+        logprobs, old, a.advantage_sign * mb.advantages, mb.response_mask,
+        clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg,
+    )
+    out = {"policy_loss": float(loss), "clip_fraction": float(stats["clip_fraction"])}
+    if mb.ref_logprobs is not None:
+        kl = algorithm.aggregate_loss(algorithm.kl_penalty(logprobs, mb.ref_logprobs, a.kl_estimator), mb.response_mask, a.loss_agg)
+        loss = loss + a.kl_coef * kl
+        out["kl"] = float(kl)
+    ent = algorithm.aggregate_loss(entropy, mb.response_mask, a.loss_agg)
+    out["entropy"] = float(ent)
+    if a.entropy_coef:
+        loss = loss - a.entropy_coef * ent
+    (loss * loss_scale).backward()
+    return out
+
+
+def micro_weights(batch: RolloutBatch, rows: list[int], loss_agg: str) -> float:
+    """Denominator of the aggregate over `rows`: tokens or sequences."""
+    if loss_agg == "token-mean":
+        return float(batch.response_mask[rows].sum())
+    return float(len(rows))
+
+
+@torch.no_grad()
+def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float, *, reference: bool) -> torch.Tensor:
+    out = torch.zeros_like(batch.response_mask)
+    for start in range(0, len(batch), micro):
+        rows = list(range(start, min(start + micro, len(batch))))
+        mb = batch.select(rows).to(policy.info.device)
+        lp, _ = policy.forward_logprobs(mb.input_ids, mb.attention_mask, temperature, reference=reference)
+        out[rows, : lp.shape[1]] = lp.float().cpu()
+    return out
+
+
+def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConfig) -> dict[str, float]:
+    """Mini-batches of micro-batches with gradient accumulation."""
+    t = cfg.trainer
+    rows_per_mini = len(batch) * t.mini_batch_prompts // t.prompts_per_step
+    stats: dict[str, list[float]] = {}
+    for _epoch in range(t.ppo_epochs):
+        for mini_start in range(0, len(batch), rows_per_mini):
+            mini_rows = list(range(mini_start, mini_start + rows_per_mini))
+            denominator = micro_weights(batch, mini_rows, cfg.algorithm.loss_agg)
+            optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(mini_rows), t.micro_batch_size):
+                rows = mini_rows[start : start + t.micro_batch_size]
+                scale = micro_weights(batch, rows, cfg.algorithm.loss_agg) / max(denominator, 1.0)
+                mb = batch.select(rows).to(policy.info.device)
+                for key, value in forward_backward(policy, mb, cfg, scale).items():
+                    stats.setdefault(key, []).append(value * scale)
+            stats.setdefault("grad_norm", []).append(policy.clip_grad_norm(cfg.optim.grad_clip))
+            stats.setdefault("lr", []).append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+    minis = t.ppo_epochs * (len(batch) // rows_per_mini)
+    return {k: (sum(v) / minis if k not in ("grad_norm", "lr") else sum(v) / len(v)) for k, v in stats.items()}
+
+
+def sync_weights(policy, engine, adapter_dir: Path) -> float:
+    start = time.perf_counter()
+    if policy.is_lora:
+        policy.save_lora_adapter(adapter_dir)
+        engine.load_lora(adapter_dir)
+    else:
+        engine.load_full_weights(policy.iter_full_weights(torch.float32 if policy.cfg.dtype == "float32" else torch.bfloat16))
+    return time.perf_counter() - start
+
+
+def validate(engine, task, cfg: TrainConfig) -> float:
+    prompts = task.test_prompts[: cfg.trainer.val_prompts or None]
+    samples = engine.greedy(prompts, cfg.rollout.val_max_tokens)
+    answers = task.test_answers[: len(prompts)]
+    return float(np.mean([gsm8k_score(s.text, a, mode=cfg.algorithm.reward_mode) == 1.0 for s, a in zip(samples, answers)]))
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Trainer:
+    """Everything a run holds between steps; `state` is what a checkpoint adds."""
+
+    cfg: TrainConfig
+    info: distributed.DistInfo
+    task: object
+    tokenizer: object
+    engine: object
+    policy: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: PromptSampler
+    run_dir: Path
+    adapter_dir: Path
+    state: checkpoint.TrainState = field(default_factory=checkpoint.TrainState)
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    """Data, model, engine, optimizer. Bad input fails here, before the run
+    directory is created."""
+    info = distributed.init_distributed(cfg.trainer.device)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)  # before vLLM, which freezes it
+    task = load_task(cfg)
+    model_path = resolve_model(cfg, task, info)
+
+    from transformers import AutoTokenizer
+
+    from .policy import Policy
+    from .rollout import RolloutEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    task.tokenize(tokenizer, cfg.data.max_prompt_tokens)
+    engine = RolloutEngine(
+        model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.trainer.seed, lora_rank=cfg.model.lora_rank,
+        max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.rollout.val_max_tokens),
+        on_cpu=info.device.type == "cpu", load_format=cfg.model.load_format,
+    )
+    policy = Policy(model_path, cfg.model, cfg.trainer, info)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+    )
+    warmup = max(1, o.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    sampler = PromptSampler(len(task.train_prompts), cfg.trainer.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # adapters travel through memory, not disk
+    return Trainer(
+        cfg, info, task, tokenizer, engine, policy, optimizer, scheduler, sampler,
+        run_dir=Path(cfg.trainer.run_dir).resolve(), adapter_dir=Path(tempfile.mkdtemp(prefix="grpo-adapter-", dir=shm)),
+    )
+
+
+def grpo_step(tr: Trainer) -> dict[str, float]:
+    """One GRPO step on this rank's share of the step's prompts."""
+    cfg, task, n, world = tr.cfg, tr.task, tr.cfg.rollout.n, tr.info.world_size
+    step_start = time.perf_counter()
+    # ---- rollout
+    batch_ids = tr.sampler.next_batch()[tr.info.rank :: world]
+    prompts = [task.train_prompts[i] for i in batch_ids]
+    t0 = time.perf_counter()
+    tr.engine.wake_up()
+    samples = tr.engine.generate(
+        prompts, n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        max_tokens=cfg.rollout.max_tokens, seeds=rollout_seeds(cfg.trainer.seed, tr.state.step, batch_ids),
+    )
+    tr.engine.sleep()
+    time_rollout = time.perf_counter() - t0
+    # ---- reward and group advantages
+    flat = [(p, s, task.train_answers[i]) for p, i, group in zip(prompts, batch_ids, samples) for s in group]
+    a = cfg.algorithm
+    rewards = torch.tensor([gsm8k_score(s.text, ans, mode=a.reward_mode, format_score=a.format_score) for _, s, ans in flat])
+    correct = torch.tensor([gsm8k_score(s.text, ans, mode=a.reward_mode) == 1.0 for _, s, ans in flat], dtype=torch.float32)
+    adv = algorithm.group_advantages(rewards, n, eps=a.adv_eps, norm_by_std=a.norm_adv_by_std)
+    batch = pack([p for p, _, _ in flat], [list(s.token_ids) for _, s, _ in flat], adv, tr.tokenizer.pad_token_id)
+    # ---- old log-probs only when the policy moves between mini-batches
+    # (otherwise the detached current ones are exact), reference for KL
+    t0 = time.perf_counter()
+    micro, t = cfg.trainer.micro_batch_size, cfg.trainer
+    if t.mini_batch_prompts < t.prompts_per_step or t.ppo_epochs > 1:
+        batch.old_logprobs = batched_logprobs(tr.policy, batch, micro, cfg.rollout.temperature, reference=False)
+    if a.kl_coef > 0:
+        batch.ref_logprobs = batched_logprobs(tr.policy, batch, micro, cfg.rollout.temperature, reference=True)
+    time_reference = time.perf_counter() - t0
+    # ---- policy update, then the new weights into the engine
+    t0 = time.perf_counter()
+    update_stats = train_step(tr.policy, tr.optimizer, tr.scheduler, batch, cfg)
+    time_update = time.perf_counter() - t0
+    time_sync = sync_weights(tr.policy, tr.engine, tr.adapter_dir)
+    lengths = torch.tensor([len(s.token_ids) for _, s, _ in flat], dtype=torch.float32)
+    metrics = distributed.all_mean({
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "accuracy": float(correct.mean()), "response_length_mean": float(lengths.mean()),
+        "response_length_max": float(lengths.max()),
+        "response_clip_ratio": float(np.mean([s.truncated for _, s, _ in flat])), **update_stats,
+    })
+    time_step = time.perf_counter() - step_start
+    metrics.update(
+        time_rollout=time_rollout, time_reference=time_reference, time_update=time_update, time_sync=time_sync,
+        time_step=time_step, tokens_per_s=float(batch.attention_mask.sum()) * world / time_step,
+    )
+    return metrics
+
+
+def resume_or_start(tr: Trainer) -> Path | None:
+    """Load the newest complete checkpoint, if any. vLLM's constructor
+    reseeded the global RNGs, so seeding comes after it."""
+    latest = checkpoint.latest_checkpoint(tr.run_dir)
+    if latest is None:
+        _seed_everything(tr.cfg.trainer.seed)
+    else:
+        tr.state, trainable, optim_state, rng = checkpoint.load_checkpoint(latest)
+        tr.policy.load_trainable_state_dict(trainable)
+        tr.policy.load_optimizer_state_dict(tr.optimizer, optim_state)
+        tr.scheduler.load_state_dict(tr.state.scheduler)
+        tr.sampler.load_state_dict(tr.state.sampler)
+        checkpoint.set_rng_state(rng)
+        print(f"[grpo] resuming from {latest} (step {tr.state.step})", flush=True)
+    if latest is not None or tr.policy.is_lora:
+        sync_weights(tr.policy, tr.engine, tr.adapter_dir)
+    return latest
+
+
+def save(tr: Trainer, tracker: Tracker) -> None:
+    tr.state.sampler, tr.state.scheduler = tr.sampler.state_dict(), tr.scheduler.state_dict()
+    tr.state.mlflow_run_id = tracker.run_id
+    # Both gathers are collectives: every rank takes part, rank 0 writes.
+    trainable, optim_state = tr.policy.trainable_state_dict(), tr.policy.optimizer_state_dict(tr.optimizer)
+    if tr.info.is_main:
+        path = checkpoint.save_checkpoint(tr.run_dir, tr.state, trainable, optim_state, tr.cfg.checkpoint.keep)
+        rundir.write_status(tr.run_dir, latest_checkpoint=str(path))
+    distributed.barrier()
+
+
+def _log_line(step: int, total: int, m: dict[str, float]) -> str:
+    line = (
+        f"[grpo] step {step}/{total} reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
+        f"len {m['response_length_mean']:.1f} loss {m['policy_loss']:+.4f} | rollout {m['time_rollout']:.2f}s "
+        f"update {m['time_update']:.2f}s sync {m['time_sync']:.2f}s"
+    )
+    return line + (f" | val_acc {m['val_accuracy']:.3f}" if "val_accuracy" in m else "")
+
+
+def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult:
+    tr = build_trainer(cfg)
+    run_dir, info = tr.run_dir, tr.info
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        (run_dir / "train.yaml").write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
+    latest = resume_or_start(tr)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    tracker = Tracker(
+        cfg.tracking, run_dir, active=info.is_main, run_id=tr.state.mlflow_run_id,
+        params=config.flatten(config.to_dict(cfg)),
+        tags={"git_sha": _git_sha(), "host": socket.gethostname(), "run_dir": str(run_dir)},
+    )
+    tracker.set_tags({"slurm_restart_count": str(restarts), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
+    tr.state.mlflow_run_id = tracker.run_id
+    if info.is_main:
+        rundir.truncate_metrics(run_dir, tr.state.step)
+        rundir.write_status(
+            run_dir, state="running", step=tr.state.step, total_steps=cfg.trainer.total_steps, restarts=restarts,
+            mlflow_run_id=tracker.run_id, mlflow_tracking_uri=tracker.tracking_uri,
+            latest_checkpoint=str(latest) if latest else None,
+        )
+    status = "finished"
+    while tr.state.step < cfg.trainer.total_steps:
+        tr.state.step += 1
+        metrics = grpo_step(tr)
+        if cfg.trainer.val_every and tr.state.step % cfg.trainer.val_every == 0:
+            t0 = time.perf_counter()
+            metrics["val_accuracy"] = distributed.all_mean({"v": validate(tr.engine, tr.task, cfg)})["v"]
+            metrics["time_validation"] = time.perf_counter() - t0
+        if info.is_main:
+            rundir.append_metrics(run_dir, {"step": tr.state.step, **metrics})
+            tracker.log_metrics(metrics, step=tr.state.step)
+            rundir.write_status(run_dir, step=tr.state.step, last_reward=metrics["reward_mean"])
+            print(_log_line(tr.state.step, cfg.trainer.total_steps, metrics), flush=True)
+        # Checkpoint on schedule, at the end, or on preemption (all ranks agree).
+        preempted = distributed.any_rank(preemption is not None and preemption.requested)
+        last = tr.state.step == cfg.trainer.total_steps
+        every = cfg.checkpoint.every
+        if preempted or (every and tr.state.step % every == 0) or (last and cfg.checkpoint.save_final):
+            save(tr, tracker)
+        if preempted and not last:
+            status = "preempted"
+            break
+    shutil.rmtree(tr.adapter_dir, ignore_errors=True)
+    tr.engine.close()
+    if info.is_main:
+        rundir.write_status(run_dir, state=status)
+    tracker.finish("FINISHED" if status == "finished" else "KILLED")
+    return TrainResult(status=status, step=tr.state.step, run_dir=run_dir, mlflow_run_id=tracker.run_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m grpo_core.train", description="GRPO training run (resumes from RUN_DIR's newest checkpoint).",
+        epilog="Overrides: dotted keys, e.g. rollout.n=8 optim.lr=1e-5 trainer.run_dir=runs/x. Sections: "
+        + ", ".join(f.name for f in config.dataclasses.fields(TrainConfig)),
+    )
+    parser.add_argument("--config", help="YAML file with a TrainConfig (sections as below)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.config, args.overrides)
+        result = train(cfg, preemption=Preemption.install())
+    except (ConfigError, DataError, ModelPathError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    return EXIT_PREEMPTED if result.status == "preempted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
