@@ -29,7 +29,7 @@ _METRICS_PER_BATCH = 1000
 _STATUSES = ("FINISHED", "KILLED", "FAILED")
 # Matched against the words of a key, not substrings: "rollout.max_tokens" is not a secret.
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")  # one bad name would sink a whole batch
-_SECRET_WORD = re.compile(r"(token|password|passwd|secret|key|credentials?)$")
+_SECRET_WORD = re.compile(r"(token|password|passwd|secrets?|key|credentials?)$")
 
 
 def quiet_http_env() -> None:
@@ -51,7 +51,7 @@ def quiet_http_env() -> None:
 def looks_secret(key: str) -> bool:
     """True for keys like HF_TOKEN, db.password, aws_secret_access_key, apiKey."""
     words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
-    return any(_SECRET_WORD.search(w) and not w.endswith("tokens") for w in words if w)
+    return any(_SECRET_WORD.search(w) for w in words if w)
 
 
 def default_tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
@@ -109,6 +109,7 @@ class Tracker:
         self._tags: dict[str, str] = {}
         self._steps: list[tuple[int, list[Any]]] = []  # (step, [Metric]) not yet sent, in order
         self._n_buffered = 0
+        self._dropping = False  # warned that the buffer overflowed
         self._artifacts: list[tuple[Path, str | None]] = []
         self._client: Any = None
         self._ready = False  # run created/resumed and its last step known
@@ -146,7 +147,9 @@ class Tracker:
         while self._n_buffered > MAX_BUFFERED_VALUES and len(self._steps) > 1:
             dropped = self._steps.pop(0)
             self._n_buffered -= len(dropped[1])
-            self._say(f"buffer full; dropped buffered metrics of step {dropped[0]}")
+            if not self._dropping:
+                self._dropping = True
+                self._say(f"buffer full; dropping the oldest buffered steps (from step {dropped[0]})")
         self._flush()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -256,8 +259,8 @@ class Tracker:
             if run is not None:
                 resumed = True
                 existing = dict(run.data.params)
-                history = client.get_metric_history(self.run_id, STEP_KEY)
-                self._skip_upto = max((m.step for m in history), default=None)
+                last = run.data.metrics.get(STEP_KEY)  # latest value = the largest step logged
+                self._skip_upto = int(last) if last is not None else None
                 if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
                     client.update_run(self.run_id, status="RUNNING")
             else:
