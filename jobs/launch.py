@@ -57,28 +57,6 @@ def _requeue(job_id: str) -> bool:
     return True
 
 
-def slurm_tags() -> dict[str, str]:
-    """Mutable facts of this attempt: MLflow tags, never params (params cannot change)."""
-    tags = {"slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")}
-    if os.environ.get("SLURM_JOB_ID"):
-        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-    return tags
-
-
-def _tag_mlflow(uri: str, run_id: str | None) -> None:
-    """Record the restart count on the run (best effort: a tracking outage must not fail the job)."""
-    if not run_id or _rank() != 0:
-        return
-    try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        for key, value in slurm_tags().items():
-            client.set_tag(run_id, key, value)
-    except Exception as exc:  # noqa: BLE001
-        _log(f"could not tag the MLflow run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-
-
 @dataclass(frozen=True)
 class Launch:
     run_dir: str
@@ -87,7 +65,6 @@ class Launch:
         from grpo_core.config import load
         from grpo_core.preemption import Preemption
         from grpo_core.train import train
-        from grpo_core.tracking import default_tracking_uri
 
         run_dir = Path(self.run_dir)
         if _cancel_requested(run_dir):
@@ -96,8 +73,8 @@ class Launch:
             return {"status": "cancelled"}
         cfg = load(run_dir / "train.yaml")
         flag = Preemption.install()
+        # The trainer tags the MLflow run with SLURM_RESTART_COUNT and SLURM_JOB_ID itself.
         result = train(cfg, preemption=flag)
-        _tag_mlflow(default_tracking_uri(cfg.tracking, run_dir), result.mlflow_run_id)
         summary = {"status": result.status, "step": result.step, "mlflow_run_id": result.mlflow_run_id}
         if result.status != "preempted":
             return summary

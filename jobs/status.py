@@ -106,7 +106,7 @@ def follow(run_dir: Path, poll_s: float | None = None, out: Any = None) -> int:
     """Print state changes and each finished step until the run ends; 0 if it finished."""
     out = out or sys.stdout
     poll_s = poll_s or POLL_S
-    offset, last_state, seen_step, stopping = 0, "", -1, False
+    offset, last_state, seen_step, stopping, said_mlflow = 0, "", -1, False, False
     while True:
         try:
             v = runs.view(run_dir)
@@ -116,6 +116,9 @@ def follow(run_dir: Path, poll_s: float | None = None, out: Any = None) -> int:
                 if isinstance(step, int) and step > seen_step:  # replayed steps after a resume: once
                     seen_step = step
                     print(_metric_line(row, v.total_steps), file=out, flush=True)
+            if v.mlflow_run_id and not said_mlflow:
+                said_mlflow = True
+                print(f"mlflow: {runs.mlflow_hint(v.mlflow_uri, v.mlflow_run_id)}", file=out, flush=True)
             state = f"{v.state} (job {v.job_id} {v.job_state})"
             if state != last_state:
                 print(f"[{time.strftime('%H:%M:%S')}] {state}", file=out, flush=True)

@@ -393,9 +393,3 @@ def test_launch_checkpoint_is_a_fresh_copy() -> None:
     job = launch.Launch("/x/run")
     delayed = job.checkpoint()
     assert delayed.function == job and delayed.function is not job and delayed.args == ()
-
-
-def test_slurm_tags(monkeypatch) -> None:
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    monkeypatch.setenv("SLURM_JOB_ID", "77")
-    assert launch.slurm_tags() == {"slurm_restart_count": "2", "slurm_job_id": "77"}
