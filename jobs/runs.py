@@ -134,17 +134,18 @@ def local_alive(pid: int, run_dir: Path) -> bool:
     """The local launcher's process is alive and still ours (pids get reused)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         return False
-    except PermissionError:
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():
+        return True  # no procfs: trust the signal probe
+    try:
+        if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False  # exited, not yet reaped by its parent
+        cmdline = proc.joinpath("cmdline").read_bytes().decode(errors="replace")
+    except (OSError, IndexError):
         return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            return str(run_dir) in cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            return False
-    return True
+    return not cmdline or str(run_dir) in cmdline  # empty while it execs the next program
 
 
 def job_state(info: dict[str, Any], run_dir: Path) -> str:
@@ -202,8 +203,9 @@ def log_path(info: dict[str, Any], run_dir: Path) -> str:
 
 def view(run_dir: Path) -> RunView:
     info = read_json(run_dir / "run.json")
-    status = read_status(run_dir)
+    # Scheduler first: a job seen ended has already written its last status.json.
     sched = job_state(info, run_dir)
+    status = read_status(run_dir)
     reward = status.get("last_reward")
     return RunView(
         name=str(info.get("name", run_dir.name)), run_dir=run_dir, state=derive_state(info, status, sched),

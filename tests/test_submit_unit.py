@@ -308,7 +308,7 @@ def test_resubmit_refuses_finished_and_keeps_state_on_failure(fake, capsys) -> N
 def test_local_profile_runs_here_and_follows(fake, capsys, monkeypatch) -> None:
     code, out, err = _submit(capsys, "--profile", "local", "--name", "l",
                              f"cluster.python={sys.executable} {fake.trainer}")
-    assert code == 0, err + (fake.runs / "l" / "local.log").read_text()
+    assert code == 0, out + err + (fake.runs / "l" / "local.log").read_text()
     assert "job:      local-" in out and "step 3/3  reward/mean=0.3 loss=1" in out and "l: finished at step 3/3" in out
     assert runs.view(fake.runs / "l").state == "finished"
 
