@@ -38,11 +38,11 @@ VLLM_MAX_BATCHED_TOKENS = 16384  # vLLM's profiling forward sets its activation 
 VLLM_SLEEP_RESIDUAL_GIB = 0.5  # what a sleeping engine keeps (graph pools, non-cumem buffers)
 BACKWARD_WORKSPACE = 0.5  # a layer's activation grads during its backward, as a fraction of its activations
 ADAM_TEMP = 1.0  # foreach AdamW temporaries, as a fraction of the trainable shard (0 for fused)
-LOGITS_KEPT_BYTES = 6  # per token x vocab: bf16 logits kept for backward, their accumulated grad, one chunk's zero-padded grad
-LOGITS_FP32_BYTES = 12  # per chunk token x vocab: fp32 upcast + log-softmax + its grad
-ENTROPY_BYTES = 12  # per token x vocab with entropy_coef > 0: fp32 log-softmax, p, p*logp (not chunked)
+LOGITS_FP32_BYTES = 14  # per chunk token x vocab: fp32 upcast, log-softmax, their grads (recomputed chunk)
+ENTROPY_BYTES = 17  # per token x vocab with entropy_coef > 0: entropy over all logits, with grad (not chunked)
 HOST_PROCESS_GIB = 6.0  # host RSS of one rank (python, torch, vLLM) besides offloaded state
-ACT = 2  # bytes per activation element (bf16)
+STAGES = ("rollout", "reference logprobs", "update", "update (end of backward)", "optimizer step", "sync")
+ACT = 2  # bytes per activation element in bf16 compute (4 when model.dtype=float32: no mixed precision)
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def lora_params(shape: ModelShape, rank: int, targets: str = "all-linear") -> in
 
 
 def layer_activation_bytes(shape: ModelShape, seq: int, *, full: bool, targets: list[str], rank: int,
-                           attn: str) -> int:
+                           attn: str, act: int = ACT) -> int:
     """Bytes one Qwen2 decoder layer saves for backward, per token (bf16 compute).
 
     Korthikanti et al. 2022's accounting (what autograd saves) redone for
@@ -168,20 +168,21 @@ def layer_activation_bytes(shape: ModelShape, seq: int, *, full: bool, targets: 
     output and fp32 logsumexp, with no s^2 term, except: HF's sdpa path with a
     padding mask repeats k/v to all heads and torch turns the bool mask into a
     bf16 bias per call (2s per token); eager keeps the fp32 and bf16 probs.
+    Checked on an H200 (14B-wide layers, peak allocated): within 1%.
     """
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
     trains = set(shape.linears()) if full else set(targets)
-    b = 2 * (4 * h + (2 * h if full else 0))  # the two RMSNorms
-    b += ACT * h * bool(trains & {"q_proj", "k_proj", "v_proj"}) + ACT * h * bool(trains & {"gate_proj", "up_proj"})
-    b += ACT * i * ("down_proj" in trains) + ACT * 3 * i  # down's input; gate, silu(gate), up
+    b = 2 * (4 * h + (act * h if full else 0))  # the two RMSNorms
+    b += act * h * bool(trains & {"q_proj", "k_proj", "v_proj"}) + act * h * bool(trains & {"gate_proj", "up_proj"})
+    b += act * i * ("down_proj" in trains) + act * 3 * i  # down's input; gate, silu(gate), up
     if attn == "eager":
-        b += ACT * (2 * q + 2 * q) + shape.heads * seq * (4 + ACT) + ACT * q  # q, k/v repeated, probs, out copy
+        b += act * (2 * q + 2 * q) + shape.heads * seq * (4 + act) + act * q  # q, k/v repeated, probs, out copy
     elif attn.startswith("flash"):
-        b += ACT * (2 * q + 2 * kv) + 4 * shape.heads
+        b += act * (2 * q + 2 * kv) + 4 * shape.heads
     else:  # sdpa, padded batch: repeated k/v + per-layer bf16 mask bias
-        b += ACT * 4 * q + 4 * shape.heads + ACT * seq
+        b += act * 4 * q + 4 * shape.heads + act * seq
     if not full:
-        b += ACT * rank * len(targets)  # each LoRA A output, saved by B
+        b += act * rank * len(targets)  # each LoRA A output, saved by B
     return b
 
 
@@ -280,8 +281,9 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     targets = lora_targets(shape, m.lora_target_modules) if lora else []
     P, L = shape.params(), (lora_params(shape, m.lora_rank, m.lora_target_modules) if lora else 0)
     trainable = L if lora else P
-    dbytes = 4 if m.dtype == "float32" else 2
-    tbytes = 4 if lora else dbytes  # peft keeps adapters in fp32
+    dbytes = 4 if m.dtype == "float32" else 2  # LoRA's frozen base and the compute dtype (mixed precision)
+    act = ACT if m.dtype == "bfloat16" else 4
+    tbytes = 4  # fp32: full FT master weights (grpo_core.policy loads fp32), peft adapters; grads and Adam alike
     seq = cfg.data.max_prompt_tokens + r.max_tokens
     tokens = t.micro_batch_size * seq
     notes: list[str] = []
@@ -320,7 +322,7 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     if lora and share:  # the trainer needs the shared base, so sleeping frees only the KV cache
         asleep = [vw, asleep[0]]
     vllm = {"rollout": [vw, vx, vk]}
-    for s in ("reference logprobs", "update", "optimizer step"):
+    for s in STAGES[1:-1]:
         vllm[s] = [vw, vx, vk] if r.sleep_level == 0 else asleep
     vllm["sync"] = [vw, vx, vk] if r.sleep_level == 0 else [vw, asleep[0]]  # weights woken first, KV after sync
 
@@ -333,16 +335,15 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
                 out.append(Part(f"base weights ({m.dtype}, frozen, /{w})", _gib(P * dbytes / w), pw))
             out.append(Part(f"LoRA adapter (fp32, /{w})", _gib(L * 4 / w), pw))
         else:
-            out.append(Part(f"weights ({m.dtype} master, /{w})", _gib(P * dbytes / w), pw))
-            if cfg.algorithm.kl_coef > 0:  # a frozen bf16 copy; "swap" brings it in for its own stage only
+            out.append(Part(f"weights (fp32 master, /{w})", _gib(P * 4 / w), pw))
+            if cfg.algorithm.kl_coef > 0:  # a frozen copy of the master; "swap" brings it in for its stage only
                 rw = pw if k.offload_style == "fsdp2" or not t.param_offload else (
                     "gpu" if stage == "reference logprobs" else "host")
-                out.append(Part(f"reference model (bf16, /{w})", _gib(P * 2 / w), rw))
-        if stage in ("update", "optimizer step"):
-            out.append(Part(f"{'LoRA ' if lora else ''}gradients ({'fp32' if lora else m.dtype}, /{w})",
-                            _gib(trainable * tbytes / w), pw))
+                out.append(Part(f"reference model (fp32 copy, /{w})", _gib(P * 4 / w), rw))
+        if stage.startswith("update") or stage == "optimizer step":  # grads of earlier micro-batches accumulate
+            out.append(Part(f"{'LoRA ' if lora else ''}gradients (fp32, /{w})", _gib(trainable * tbytes / w), pw))
         ow = optim_at(stage)
-        out.append(Part(f"AdamW states (2 x {'fp32' if lora else m.dtype}, /{w})", _gib(2 * trainable * tbytes / w), ow))
+        out.append(Part(f"AdamW states (2 x fp32, /{w})", _gib(2 * trainable * tbytes / w), ow))
         if stage == "optimizer step":
             if ow == "gpu":
                 out.append(Part("AdamW foreach temporaries", ADAM_TEMP * _gib(trainable * tbytes / w), "gpu"))
@@ -350,42 +351,51 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
                 out.append(Part("gradients copied to host for the CPU step", _gib(trainable * tbytes / w), "host"))
         return out
 
-    # ---- transient compute (GPU)
+    # ---- transient compute (GPU). Measured on an H200, the update peaks at the start of backward
+    # (activations + logits + their grad + one recomputed log-prob chunk), a layer's recompute and
+    # backward come later (logits freed), and full FT's root reduce-scatter at the end (activations freed).
     act_layer = layer_activation_bytes(shape, seq, full=not lora, targets=targets, rank=m.lora_rank,
-                                       attn=m.attn_implementation)
-    final = (4 + (2 if not lora else 0)) * shape.hidden + (ACT * shape.hidden if not lora else 0)  # norm + lm_head input
+                                       attn=m.attn_implementation, act=act)
+    final = 4 * shape.hidden + (2 * act * shape.hidden if not lora else 0)  # final norm (+ weight, lm_head input)
     chunk_tokens = t.micro_batch_size * (min(k.logprob_chunk, seq) if k.logprob_chunk else seq)
-    root_unsharded = shape.root_params() * 2
-    fsdp = Part("FSDP all-gathered params (root + 2 layers, bf16)", _gib(root_unsharded + 2 * shape.layer_params() * 2), "gpu")
+    root = shape.root_params()
+    fsdp_root = Part(f"FSDP root all-gathered (embed + lm_head, {m.dtype})", _gib(root * dbytes), "gpu")
+    fsdp = Part(f"FSDP all-gathered: root + 2 layers ({m.dtype})",  # the layer in use + the prefetched one
+                _gib((root + 2 * shape.layer_params()) * dbytes), "gpu")
+    layer_grads = 0 if lora else shape.layer_params() * (act + 4)  # unsharded grads + their fp32 reduce-scatter input
 
     def compute(stage: str) -> list[Part]:
         if stage == "reference logprobs":
-            return [fsdp, Part(f"forward workspace (1 layer, {tokens} tokens)", _gib(act_layer * tokens), "gpu"),
-                    Part("logits (bf16) + fp32 log-softmax chunk", _gib(shape.vocab * (2 * tokens + 8 * chunk_tokens)), "gpu")]
+            logits = shape.vocab * (act * tokens + 8 * chunk_tokens)  # logits + a chunk's fp32 upcast/log-softmax
+            layer = act_layer * tokens
+            big = (("logits + fp32 log-softmax chunk", logits, f"layer forward {_gib(layer):.1f} GiB")
+                   if logits >= layer else ("layer forward (1 layer)", layer, f"logits {_gib(logits):.1f} GiB"))
+            return [fsdp, Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")]
         if stage == "update":
-            ckpt = (shape.layers * ACT * shape.hidden + act_layer + final) * tokens  # layer inputs + 1 layer recomputed
+            ckpt = (shape.layers * act * shape.hidden + final) * tokens  # checkpointed layer inputs
             no_ckpt = (shape.layers * act_layer + final) * tokens
-            what, a, alt = (("checkpointed", ckpt, f"{_gib(no_ckpt):.1f} GiB without checkpointing")
+            what, a, alt = (("checkpointed layer inputs", ckpt, f"{_gib(no_ckpt):.1f} GiB without checkpointing")
                             if m.gradient_checkpointing else ("all layers", no_ckpt, f"{_gib(ckpt):.1f} GiB with checkpointing"))
-            out = [fsdp, Part(f"activations ({what}, {tokens} tokens)", _gib(a), "gpu", alt),
-                   Part("backward workspace (1 layer)", BACKWARD_WORKSPACE * _gib(act_layer * tokens), "gpu")]
             ent = ENTROPY_BYTES * tokens if cfg.algorithm.entropy_coef > 0 else 0
-            out.append(Part("logits: bf16 + grad, fp32 chunk" + (", entropy" if ent else ""),
-                            _gib(shape.vocab * (LOGITS_KEPT_BYTES * tokens + LOGITS_FP32_BYTES * chunk_tokens + ent)), "gpu"))
-            if not lora:  # unsharded bf16 grads of the root + fp32 reduce-scatter input of one layer
-                out.append(Part("FSDP unsharded grads (root bf16 + 1 layer fp32)",
-                                _gib(root_unsharded + shape.layer_params() * (2 + 4)), "gpu"))
-            return out
-        if stage == "sync":
-            biggest = max(shape.layer_params(), shape.vocab * shape.hidden) * 2 if not lora else L * 2
-            return [Part("gathered weights in flight to vLLM (bf16)", _gib(biggest), "gpu")]
+            logits = shape.vocab * (2 * act * tokens + LOGITS_FP32_BYTES * chunk_tokens + ent)
+            layer = (act_layer * tokens if m.gradient_checkpointing else 0) + BACKWARD_WORKSPACE * act_layer * tokens
+            layer += layer_grads
+            big = (("logits + grad + fp32 chunk" + (" + entropy" if ent else ""), logits, f"layer backward {_gib(layer):.1f} GiB")
+                   if logits >= layer else ("layer recompute + backward", layer, f"logits {_gib(logits):.1f} GiB"))
+            return [fsdp, Part(f"activations ({what}, {tokens} tokens)", _gib(a), "gpu", alt),
+                    Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")]
+        if stage == "update (end of backward)":  # root grads' fp32 reduce-scatter input (its output is the grad shard)
+            return [fsdp_root, Part("root grads reduce-scatter input (fp32)", _gib(root * 4) if not lora else 0.0, "gpu")]
+        if stage == "sync":  # grpo_core.policy.iter_full_weights: one gathered tensor + its bf16 copy at a time
+            biggest = max(shape.vocab, shape.intermediate) * shape.hidden * ((dbytes if lora else 4) + 2)
+            return [Part("one gathered weight in flight to vLLM", _gib(biggest), "gpu")]
         return []
 
     fixed = [Part("CUDA context", CUDA_CONTEXT_GIB * (1 if k.vllm_in_process else 2), "gpu")]
     if gpus > 1:
         fixed.append(Part("NCCL buffers", NCCL_GIB, "gpu"))
     stages = []
-    for s in ("rollout", "reference logprobs", "update", "optimizer step", "sync"):
+    for s in STAGES:
         trainer = state(s) + compute(s)
         frag = FRAGMENTATION * sum(p.gib for p in trainer if p.where == "gpu")
         parts = fixed + vllm[s] + trainer + [Part("allocator fragmentation (trainer)", frag, "gpu")]
