@@ -42,7 +42,7 @@ class DataConfig:
     test_path: str = ""
     hub_name: str = "openai/gsm8k"
     max_prompt_tokens: int = 512
-    synthetic_max_operand: int = 4
+    synthetic_max_sum: int = 4
     synthetic_train_size: int = 2000
     synthetic_test_size: int = 64
     shuffle: bool = True

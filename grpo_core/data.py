@@ -130,27 +130,34 @@ def _load_hub(hub_name: str, split: str) -> list[Example]:
     return examples
 
 
-def synthetic_arithmetic(size: int, max_operand: int, seed: int) -> list[Example]:
-    """Questions "a + b" with a, b uniform in 0..max_operand; answer str(a + b).
+def synthetic_arithmetic(size: int, max_sum: int, seed: int) -> list[Example]:
+    """Questions "a + b" whose sums are uniform over 0..max_sum; answer str(a + b).
 
-    Deliberately tiny so a randomly initialised model can learn it by RL alone.
+    Deliberately tiny so a randomly initialised model can learn it by RL
+    alone. Uniform answers matter: with a skewed answer distribution the
+    policy first collapses onto the most common answer, and the group
+    advantages of a collapsed group are all zero.
     random.Random is seeded locally: determinism independent of global state.
     """
-    if size < 0 or max_operand < 0:
-        raise DataError(f"synthetic_arithmetic needs size >= 0 and max_operand >= 0, got {size}, {max_operand}")
+    if size < 0 or max_sum < 0:
+        raise DataError(f"synthetic_arithmetic needs size >= 0 and max_sum >= 0, got {size}, {max_sum}")
     rng = random.Random(seed)
     examples = []
     for _ in range(size):
-        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        examples.append(Example(question=f"{a} + {b}", answer=str(a + b)))
+        total = rng.randint(0, max_sum)
+        a = rng.randint(0, total)
+        examples.append(Example(question=f"{a} + {total - a}", answer=str(total)))
     return examples
 
 
-def build_prompt(question: str, tokenizer: Any) -> str:
-    """verl's GSM8K prompt: question + instruction as one user chat turn."""
+def build_prompt(question: str, tokenizer: Any, suffix: str = PROMPT_SUFFIX) -> str:
+    """verl's GSM8K prompt: question + instruction as one user chat turn.
+
+    The synthetic task passes suffix="": a from-scratch model learns far
+    faster when the operands sit right before the answer."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("the tokenizer has no chat_template; build_prompt needs a chat model's tokenizer")
-    messages = [{"role": "user", "content": f"{question} {PROMPT_SUFFIX}"}]
+    messages = [{"role": "user", "content": f"{question} {suffix}".strip()}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -56,9 +56,19 @@ class Policy:
         # Full fine-tuning keeps fp32 master weights and computes in bf16;
         # LoRA keeps the frozen base in the compute dtype (half the memory).
         load_dtype = dtype if self.is_lora else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=load_dtype, attn_implementation=model_cfg.attn_implementation
-        )
+        if model_cfg.load_format == "dummy":
+            # Benchmarks: random weights in the real shape, built on the device.
+            from transformers import AutoConfig
+
+            with torch.device(info.device):
+                model = AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(model_path), dtype=load_dtype,
+                    attn_implementation=model_cfg.attn_implementation,
+                )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=load_dtype, attn_implementation=model_cfg.attn_implementation
+            )
         model.config.use_cache = False
         if model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -74,15 +74,18 @@ class RolloutEngine:
         return LoRARequest("policy", 1, self._lora_path, load_inplace=True)
 
     def generate(
-        self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float, max_tokens: int,
-        seeds: list[int] | None,
+        self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float, max_tokens: int | list[int],
+        seeds: list[int] | None, ignore_eos: bool = False,
     ) -> list[list[Sample]]:
-        """n samples per prompt; a per-prompt seed makes a step replayable."""
+        """n samples per prompt; a per-prompt seed makes a step replayable.
+        A list of max_tokens (one per prompt) and ignore_eos serve benchmarks
+        whose dummy weights never emit EOS."""
         from vllm import SamplingParams
 
+        limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
         params = [
             SamplingParams(
-                n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                n=n, temperature=temperature, top_p=top_p, max_tokens=limits[i], ignore_eos=ignore_eos,
                 seed=None if seeds is None else seeds[i], detokenize=True,
             )
             for i in range(len(prompts))

@@ -28,13 +28,15 @@ class Task:
     test_answers: list[str] = field(default_factory=list)
     dropped: int = 0
 
+    suffix: str = PROMPT_SUFFIX
+
     def tokenize(self, tokenizer, max_prompt_tokens: int) -> None:
         """Chat-template and tokenize; drop prompts longer than the limit
         (as verl's filter_overlong_prompts does) rather than cut them."""
         def encode(examples: list[Example]) -> tuple[list[list[int]], list[str]]:
             ids, answers = [], []
             for ex in examples:
-                tokens = tokenizer(build_prompt(ex.question, tokenizer), add_special_tokens=False)["input_ids"]
+                tokens = tokenizer(build_prompt(ex.question, tokenizer, self.suffix), add_special_tokens=False)["input_ids"]
                 if len(tokens) <= max_prompt_tokens:
                     ids.append(tokens)
                     answers.append(ex.answer)
@@ -50,14 +52,14 @@ class Task:
 def load_task(cfg: TrainConfig) -> Task:
     d = cfg.data
     if d.source == "synthetic":
-        train = synthetic_arithmetic(d.synthetic_train_size, d.synthetic_max_operand, cfg.trainer.seed)
-        test = synthetic_arithmetic(d.synthetic_test_size, d.synthetic_max_operand, cfg.trainer.seed + 1)
+        train = synthetic_arithmetic(d.synthetic_train_size, d.synthetic_max_sum, cfg.trainer.seed)
+        test = synthetic_arithmetic(d.synthetic_test_size, d.synthetic_max_sum, cfg.trainer.seed + 1)
     else:
         train = load_gsm8k(d.train_path, "train", d.hub_name)
         test = load_gsm8k(d.test_path, "test", d.hub_name) if (d.test_path or not d.train_path) else []
     if not train:
         raise DataError(f"the training set is empty (data.source={d.source})")
-    return Task(train=train, test=test)
+    return Task(train=train, test=test, suffix="" if d.source == "synthetic" else PROMPT_SUFFIX)
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -74,7 +76,7 @@ def resolve_model(cfg: TrainConfig, task: Task, info: DistInfo) -> str:
                 from .tiny import build_tiny_model
 
                 gsm8k = cfg.data.source == "gsm8k"
-                corpus = [f"user\n{ex.question} {PROMPT_SUFFIX}\nassistant\n#### {ex.answer}" for ex in task.train[:3000]]
+                corpus = [f"user\n{ex.question} {task.suffix}\nassistant\n#### {ex.answer}" for ex in task.train[:3000]]
                 build_tiny_model(
                     path, corpus, hidden=m.tiny_hidden, layers=m.tiny_layers, seed=0,
                     vocab_size=512 if gsm8k else 64, full_byte_alphabet=gsm8k,

@@ -102,8 +102,11 @@ def test_synthetic_is_deterministic_and_correct() -> None:
     assert a != synthetic_arithmetic(200, 4, seed=4)
     for ex in a:
         x, y = (int(v) for v in ex.question.split(" + "))
-        assert 0 <= x <= 4 and 0 <= y <= 4 and ex.answer == str(x + y)
-    assert {ex.question for ex in a} == {f"{x} + {y}" for x in range(5) for y in range(5)}  # covers 0..4
+        assert x >= 0 and y >= 0 and x + y <= 4 and ex.answer == str(x + y)
+    # every pair with a sum <= 4 occurs (15 of them), and the sums are near uniform
+    assert {ex.question for ex in a} == {f"{x} + {s - x}" for s in range(5) for x in range(s + 1)}
+    counts = [sum(ex.answer == str(s) for ex in a) for s in range(5)]
+    assert min(counts) >= 25, counts  # 40 expected each out of 200
 
 
 # ---------------------------------------------------------------- prompts

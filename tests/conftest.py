@@ -1,0 +1,29 @@
+"""Shared fixtures: the real MLflow server, the real local Slurm, and the
+environment every in-process or child vLLM engine needs on CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.mlflow_server import mlflow_server  # noqa: F401  (fixture)
+from tests.slurm_harness import slurm_cluster  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "gsm8k"
+
+# vLLM on 2 CPU cores: engine in-process, a bounded KV cache, no reserved core.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never reach a tracking server unless they start one.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    if not (SHARED_DATA / "test.jsonl").is_file():
+        pytest.fail(f"GSM8K not found at {SHARED_DATA} (../shared/data/gsm8k next to the repo)")
+    return SHARED_DATA
