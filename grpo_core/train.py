@@ -180,7 +180,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     from .policy import Policy
     from .rollout import RolloutEngine
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except OSError as exc:  # a hub id that is unreachable or wrong
+        raise ModelPathError(f"cannot load model.path={cfg.model.path}: {str(exc).strip().splitlines()[0]}") from None
     task.tokenize(tokenizer, cfg.data.max_prompt_tokens)
     engine = RolloutEngine(
         model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.trainer.seed, lora_rank=cfg.model.lora_rank,
