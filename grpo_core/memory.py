@@ -9,13 +9,17 @@ update (forward/backward over micro-batches) -> optimizer step -> sync
 (trainer weights into vLLM) -> next rollout.
 
 Assumptions the trainer must keep true (else recalibrate):
-- FSDP2 `fully_shard` on every decoder layer plus the root; sharded over all
-  `gpus`; MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), so
-  activations are bf16 and sharded grads have the stored param dtype.
-- Master weights / AdamW states are stored in `model.dtype`.
-- One in-process vLLM engine per `tensor_parallel_size` GPUs, serving bf16.
+- grpo_core.policy: FSDP2 `fully_shard` on every decoder layer plus the root,
+  over all `gpus`; MixedPrecisionPolicy(param_dtype=model.dtype, reduce fp32);
+  full FT keeps fp32 master weights (so fp32 grads, AdamW states and the
+  reference copy); LoRA keeps the frozen base in model.dtype and the adapter
+  in fp32; param_offload = CPUOffloadPolicy (state on host, CPU optimizer step).
+- One in-process vLLM engine per `tensor_parallel_size` GPUs, in model.dtype.
 - Log-probs are formed `logprob_chunk` positions at a time, recomputed in
-  backward (grpo_core.algorithm.token_logprobs).
+  backward (grpo_core.algorithm.token_logprobs); entropy over all logits.
+Trainer-side parts were fitted to peaks measured on an H200 (FSDP2 LoRA-14B
+and full-FT 1.5B/3B steps, tests/test_memory.py): within 1.5%. The vLLM,
+context, NCCL and fragmentation parts are not calibrated yet.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ VLLM_SLEEP_RESIDUAL_GIB = 0.5  # what a sleeping engine keeps (graph pools, non-
 BACKWARD_WORKSPACE = 0.5  # a layer's activation grads during its backward, as a fraction of its activations
 ADAM_TEMP = 1.0  # foreach AdamW temporaries, as a fraction of the trainable shard (0 for fused)
 LOGITS_FP32_BYTES = 14  # per chunk token x vocab: fp32 upcast, log-softmax, their grads (recomputed chunk)
-ENTROPY_BYTES = 17  # per token x vocab with entropy_coef > 0: entropy over all logits, with grad (not chunked)
+ENTROPY_BYTES = 17  # per token x vocab: entropy over all logits (not chunked); measured the same with and without grad
 HOST_PROCESS_GIB = 6.0  # host RSS of one rank (python, torch, vLLM) besides offloaded state
 STAGES = ("rollout", "reference logprobs", "update", "update (end of backward)", "optimizer step", "sync")
 ACT = 2  # bytes per activation element in bf16 compute (4 when model.dtype=float32: no mixed precision)
@@ -209,6 +213,7 @@ class Knobs:
     logprob_chunk: int = 256  # positions per log-prob chunk (token_logprobs' default); 0 = unchunked
     offload_style: str = "fsdp2"  # fsdp2: offloaded state stays on host, CPU optimizer step; swap: verl-style moves
     vllm_in_process: bool = True  # False: the engine core is another process with its own CUDA context
+    entropy_metric: bool = True  # grpo_core.train logs entropy every micro-batch, even with entropy_coef=0
     gpus_per_node: int = 0  # for the host total per node; 0 = all gpus on one node
     host_mem_gib: float = 0.0  # host memory per node to check against; 0 = do not check
 
@@ -306,14 +311,14 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
         notes.append("base weights shared with vLLM: counted once, as vLLM's")
     # ---- vLLM (per GPU)
     kv_heads_gpu = max(1, math.ceil(shape.kv_heads / tp))
-    kv_per_token = 2 * shape.layers * kv_heads_gpu * shape.head_dim * ACT
-    v_weights = _gib((P * 2 + (L * 2 if lora else 0)) / tp)
-    v_act = VLLM_MAX_BATCHED_TOKENS * ACT * (3 * shape.hidden + shape.q_dim * 2 + 2 * shape.kv_dim + 3 * shape.intermediate)
+    kv_per_token = 2 * shape.layers * kv_heads_gpu * shape.head_dim * dbytes  # vLLM serves model.dtype
+    v_weights = _gib((P + L) * dbytes / tp)  # + LoRA slots (max_loras=1)
+    v_act = VLLM_MAX_BATCHED_TOKENS * dbytes * (3 * shape.hidden + shape.q_dim * 2 + 2 * shape.kv_dim + 3 * shape.intermediate)
     v_work = VLLM_OVERHEAD_GIB + _gib(v_act / tp + r.max_num_seqs * shape.vocab * 8)  # + sampler fp32 logits/probs
     budget = r.gpu_memory_utilization * gpu_mem_gib
     kv_gib = budget - v_weights - v_work
     kv_tokens = max(0, int(kv_gib * GIB // kv_per_token))
-    vw = Part("vLLM weights (bf16" + (" + LoRA slots" if lora else "") + f", /TP {tp})", v_weights, "gpu")
+    vw = Part(f"vLLM weights ({m.dtype}" + (" + LoRA slots" if lora else "") + f", /TP {tp})", v_weights, "gpu")
     vk = Part(f"vLLM KV cache ({kv_tokens} tokens)", max(kv_gib, 0.0), "gpu", "rest of gpu_memory_utilization")
     vx = Part("vLLM activations + CUDA graphs + sampler", v_work, "gpu")
     asleep = [Part(f"vLLM asleep (level {r.sleep_level}) residual", VLLM_SLEEP_RESIDUAL_GIB, "gpu")]
@@ -376,7 +381,7 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
             no_ckpt = (shape.layers * act_layer + final) * tokens
             what, a, alt = (("checkpointed layer inputs", ckpt, f"{_gib(no_ckpt):.1f} GiB without checkpointing")
                             if m.gradient_checkpointing else ("all layers", no_ckpt, f"{_gib(ckpt):.1f} GiB with checkpointing"))
-            ent = ENTROPY_BYTES * tokens if cfg.algorithm.entropy_coef > 0 else 0
+            ent = ENTROPY_BYTES * tokens if cfg.algorithm.entropy_coef > 0 or k.entropy_metric else 0
             logits = shape.vocab * (2 * act * tokens + LOGITS_FP32_BYTES * chunk_tokens + ent)
             layer = (act_layer * tokens if m.gradient_checkpointing else 0) + BACKWARD_WORKSPACE * act_layer * tokens
             layer += layer_grads
@@ -386,9 +391,9 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
                     Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")]
         if stage == "update (end of backward)":  # root grads' fp32 reduce-scatter input (its output is the grad shard)
             return [fsdp_root, Part("root grads reduce-scatter input (fp32)", _gib(root * 4) if not lora else 0.0, "gpu")]
-        if stage == "sync":  # grpo_core.policy.iter_full_weights: one gathered tensor + its bf16 copy at a time
-            biggest = max(shape.vocab, shape.intermediate) * shape.hidden * ((dbytes if lora else 4) + 2)
-            return [Part("one gathered weight in flight to vLLM", _gib(biggest), "gpu")]
+        if stage == "sync":  # full FT: iter_full_weights gathers one fp32 tensor + its copy at a time; LoRA: adapter file
+            biggest = max(shape.vocab, shape.intermediate) * shape.hidden * (4 + dbytes) if not lora else L * 4 / shape.layers
+            return [Part("gathered weight in flight to vLLM", _gib(biggest), "gpu")]
         return []
 
     fixed = [Part("CUDA context", CUDA_CONTEXT_GIB * (1 if k.vllm_in_process else 2), "gpu")]
@@ -422,34 +427,51 @@ def _with(cfg: Any, key: str, value: Any) -> Any:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
 
 
+def _excess(p: Plan) -> float:
+    """How far a plan is from fitting (0 = fits), for ranking partial fixes."""
+    host = max(0.0, p.host_per_node_gib - p.knobs.host_mem_gib) if p.knobs.host_mem_gib else 0.0
+    return max(0.0, p.peak_gib - p.gpu_mem_gib) + host + (1000.0 if p.kv_tokens < p.seq_len else 0.0)
+
+
 def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs) -> list[tuple[str, Any, int]]:
-    """Candidate one-key changes that might make a plan fit, in order of preference."""
+    """Candidate one-key changes, in order of preference; searched ones (micro-batch, utilization) only if they fit."""
     m, r, t = cfg.model, cfg.rollout, cfg.trainer
     c: list[tuple[str, Any, int]] = []
     if not m.gradient_checkpointing:
         c.append(("model.gradient_checkpointing=true", _with(cfg, "model.gradient_checkpointing", True), gpus))
-    for mb in range(t.micro_batch_size - 1, 0, -1):  # largest micro-batch that fits
+    for mb in range(t.micro_batch_size - 1, 0, -1):  # the largest micro-batch that fits
         c2 = _with(cfg, "trainer.micro_batch_size", mb)
         if _build(name, shape, c2, gpus, mem, k).fits:
             c.append((f"trainer.micro_batch_size={mb}", c2, gpus))
             break
     if r.sleep_level == 0:
         c.append(("rollout.sleep_level=1", _with(cfg, "rollout.sleep_level", 1), gpus))
-    for key in ("trainer.optimizer_offload", "trainer.param_offload"):
+    for key in ("trainer.optimizer_offload", "trainer.param_offload"):  # on: GPU -> host; off: host -> GPU
         c.append((f"{key}={str(not getattr(t, key[8:])).lower()}", _with(cfg, key, not getattr(t, key[8:])), gpus))
-    if r.sleep_level == 1:  # no host backup of vLLM's weights; they are re-synced anyway
+    if r.sleep_level == 1:  # no host backup of vLLM's weights; sync rewrites them anyway
         c.append(("rollout.sleep_level=2", _with(cfg, "rollout.sleep_level", 2), gpus))
-    utils = sorted((u / 100 for u in range(5, 96)), key=lambda u: abs(u - r.gpu_memory_utilization))
-    for u in utils:  # nearest utilization that fits
+    for u in sorted((u / 100 for u in range(5, 96)), key=lambda u: abs(u - r.gpu_memory_utilization)):
         c2 = _with(cfg, "rollout.gpu_memory_utilization", u)
         if u != r.gpu_memory_utilization and _build(name, shape, c2, gpus, mem, k).fits:
-            c.append((f"rollout.gpu_memory_utilization={u:.2f}", c2, gpus))
+            c.append((f"rollout.gpu_memory_utilization={u:.2f}", c2, gpus))  # the nearest that fits
             break
-    for tp in (2, 4, 8):
-        if tp > r.tensor_parallel_size and gpus % tp == 0:
-            c.append((f"rollout.tensor_parallel_size={tp}", _with(cfg, "rollout.tensor_parallel_size", tp), gpus))
-    for g in (2 * gpus, 4 * gpus, 8 * gpus):
-        c.append((f"use {g} GPUs", cfg, g))
+    c += [(f"rollout.tensor_parallel_size={tp}", _with(cfg, "rollout.tensor_parallel_size", tp), gpus)
+          for tp in (2, 4, 8) if tp > r.tensor_parallel_size and gpus % tp == 0]
+    return c + [(f"use {g} GPUs", cfg, g) for g in (2 * gpus, 4 * gpus, 8 * gpus)]
+
+
+def _partial_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs) -> list[tuple[str, Any, int]]:
+    """Single changes plus steps that only help: half the micro-batch; the least utilization that holds a sequence."""
+    c = _single_changes(name, shape, cfg, gpus, mem, k)
+    if cfg.trainer.micro_batch_size > 1:
+        mb = cfg.trainer.micro_batch_size // 2
+        c.append((f"trainer.micro_batch_size={mb}", _with(cfg, "trainer.micro_batch_size", mb), gpus))
+    for u in range(round(cfg.rollout.gpu_memory_utilization * 100) + 1, 96):
+        c2 = _with(cfg, "rollout.gpu_memory_utilization", u / 100)
+        q = _build(name, shape, c2, gpus, mem, k)
+        if q.kv_tokens >= q.seq_len:
+            c.append((f"rollout.gpu_memory_utilization={u / 100:.2f}", c2, gpus))
+            break
     return c
 
 
@@ -466,8 +488,8 @@ def _fitting(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: K
 def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knobs = Knobs(), name: str = "") -> Plan:
     """The memory plan; if it does not fit, `suggestions` lists changes (one, else two) that make it fit."""
     p = _build(name, shape, cfg, gpus, gpu_mem_gib, knobs)
+    r = cfg.rollout
     if p.fits:
-        r = cfg.rollout
         if p.kv_tokens < p.seq_len * r.max_num_seqs:  # headroom could go to the KV cache (rollout throughput)
             for u in range(95, round(r.gpu_memory_utilization * 100), -1):
                 q = _build(name, shape, _with(cfg, "rollout.gpu_memory_utilization", u / 100), gpus, gpu_mem_gib, knobs)
@@ -479,21 +501,29 @@ def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knob
     found = _fitting(name, shape, cfg, gpus, gpu_mem_gib, knobs)
     singles = {label for label, _ in found}
     for label, c2, g in _single_changes(name, shape, cfg, gpus, gpu_mem_gib, knobs):
-        if len(found) >= 4:
+        if len(found) >= 4 or label.startswith("use "):
             break
-        if label in singles or label.startswith("use "):
-            continue
-        group = label.split("=")[0]  # a change that helps but is not enough, completed by a second one
+        if label in singles or _excess(_build(name, shape, c2, g, gpu_mem_gib, knobs)) >= _excess(p):
+            continue  # pairs start with a change that helps but is not enough
         more = [(m, pk) for m, pk in _fitting(name, shape, c2, g, gpu_mem_gib, knobs)
-                if not m.startswith(("use ", group))]
+                if m not in singles and not m.startswith(("use ", label.split("=")[0]))]
         if more:
             found.append((f"{label} + {more[0][0]}", more[0][1]))
-    if not found:  # stack every switch, then search micro-batch / utilization / TP / GPUs once more
-        c2, combo = cfg, []
-        for label, _, _ in _single_changes(name, shape, cfg, gpus, gpu_mem_gib, knobs):
-            if label.endswith("=true") or label == "rollout.sleep_level=1":
-                c2, combo = _apply(c2, label), combo + [label]
-        found = [(" + ".join(combo + [m]), pk) for m, pk in _fitting(name, shape, c2, gpus, gpu_mem_gib, knobs)[:1]]
+    if not found:  # greedy: take the change that helps most, a few times, until one more change fits
+        c2, g, combo = cfg, gpus, []
+        for _ in range(5):
+            fit = _fitting(name, shape, c2, g, gpu_mem_gib, knobs)
+            if fit:
+                last = {label.split("=")[0].split(" ")[0]: label for label in combo + [fit[0][0]]}  # later wins
+                found = [(" + ".join(last.values()), fit[0][1])]
+                break
+            now = _excess(_build(name, shape, c2, g, gpu_mem_gib, knobs))
+            tried = [(_excess(_build(name, shape, c3, g3, gpu_mem_gib, knobs)), n, label, c3, g3)
+                     for n, (label, c3, g3) in enumerate(_partial_changes(name, shape, c2, g, gpu_mem_gib, knobs))]
+            best = min(tried, key=lambda x: (x[0], x[1]), default=None)
+            if best is None or best[0] >= now:
+                break
+            c2, g, combo = best[3], best[4], combo + [best[2]]
     p.suggestions = [f"{label} (peak -> {pk:.1f} GiB)" for label, pk in found]
     return p
 

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--logprob-chunk", type=int, default=256, help="positions per log-prob chunk; 0 = unchunked")
     ap.add_argument("--offload-style", choices=("fsdp2", "swap"), default="fsdp2",
                     help="fsdp2: offloaded state stays on host (CPU optimizer step); swap: moved in for its phase")
+    ap.add_argument("--no-entropy-metric", action="store_true",
+                    help="the trainer skips the entropy metric when algorithm.entropy_coef=0")
     ap.add_argument("--vllm-process", action="store_true", help="vLLM engine core in its own process (2nd CUDA context)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
@@ -85,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("how many GPUs? pass --gpus N (or a profile with cluster.gpus_per_node)")
         shape, name = memory.shape_for_model(cfg.model), memory.shape_name(cfg.model.path)
         knobs = memory.Knobs(logprob_chunk=args.logprob_chunk, offload_style=args.offload_style,
-                             vllm_in_process=not args.vllm_process, gpus_per_node=per_node,
+                             vllm_in_process=not args.vllm_process, entropy_metric=not args.no_entropy_metric,
+                             gpus_per_node=per_node,
                              host_mem_gib=host_gib)
         p = memory.plan(shape, cfg, gpus, args.gpu_mem_gib, knobs, name=name)
     except (ConfigError, ValueError, FileNotFoundError) as exc:

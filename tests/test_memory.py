@@ -153,17 +153,45 @@ def test_fits_verdict() -> None:
     assert any(n.startswith("rollout.gpu_memory_utilization=") and "still fits" in n for n in p.notes)
 
 
+def apply_suggestion(c, gpus: int, suggestion: str):
+    for change in suggestion.split(" (peak")[0].split(" + "):
+        if change.startswith("use "):
+            gpus = int(change.split()[1])
+        else:
+            c = memory._apply(c, change)
+    return c, gpus
+
+
 def test_suggestions_make_it_fit() -> None:
     big = cfg("model.lora_rank=0", "rollout.sleep_level=0", "rollout.tensor_parallel_size=4",
               "rollout.gpu_memory_utilization=0.5", "trainer.micro_batch_size=16",
               "trainer.param_offload=true", "trainer.optimizer_offload=true")
     p = plan(Q14, big, 4, 80.0)
     assert not p.fits and "update" in p.problems[0]
-    labels = [s.split(" (")[0] for s in p.suggestions]
-    assert "rollout.sleep_level=1" in labels
-    mb = [lab for lab in labels if lab.startswith("trainer.micro_batch_size=")]
-    assert mb and plan(Q14, memory._apply(big, mb[0]), 4, 80.0).fits
+    assert p.suggestions
+    for suggestion in p.suggestions:
+        c, g = apply_suggestion(big, 4, suggestion)
+        assert plan(Q14, c, g, 80.0).fits, suggestion
+    assert any(s.startswith("rollout.sleep_level=1 + ") for s in p.suggestions)  # sleeping buys a larger micro-batch
+    mb = [s.split(" (")[0] for s in p.suggestions if s.startswith("trainer.micro_batch_size=")]
+    assert mb, p.suggestions  # and it is the largest that fits
     assert not plan(Q14, memory._apply(big, f"trainer.micro_batch_size={int(mb[0].split('=')[1]) + 1}"), 4, 80.0).fits
+
+
+def test_host_memory_problem_suggests_less_offload_or_deeper_sleep() -> None:
+    c = cfg("trainer.param_offload=true", "trainer.optimizer_offload=true")
+    p = plan(Q14, c, 2, 140.0, Knobs(host_mem_gib=60.0))
+    assert any(x.startswith("host memory") for x in p.problems)
+    assert p.suggestions and all(plan(Q14, *apply_suggestion(c, 2, s), 140.0, Knobs(host_mem_gib=60.0)).fits
+                                 for s in p.suggestions)
+    assert any("rollout.sleep_level=2" in s or "offload=false" in s for s in p.suggestions)
+
+
+def test_several_changes_when_no_single_one_fits() -> None:
+    c = cfg("trainer.micro_batch_size=8")
+    p = plan(Q14, c, 2, 24.0)
+    assert len(p.problems) == 2 and len(p.suggestions) == 1 and p.suggestions[0].count(" + ") >= 2
+    assert plan(Q14, *apply_suggestion(c, 2, p.suggestions[0]), 24.0).fits
 
 
 def test_checkpointing_is_suggested_first() -> None:
@@ -211,9 +239,9 @@ def test_cli_config_text_and_json(tmp_path: Path) -> None:
 
 
 def test_cli_profile() -> None:
-    r = run_cli("--profile", "h800x4", "train.rollout.sleep_level=1")
+    r = run_cli("--profile", "h800x4", "train.rollout.sleep_level=1", "--gpu-mem-gib", "140")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "4 GPU(s) x 80 GiB" in r.stdout and "verdict: fits" in r.stdout
+    assert "4 GPU(s) x 140 GiB" in r.stdout and "verdict: fits" in r.stdout
     r = run_cli("--profile", "h800x4", "--gpu-mem-gib", "40")
     assert r.returncode == 1 and "would fit with:" in r.stdout
 
@@ -229,10 +257,12 @@ def test_cli_bad_input() -> None:
 # (fully_shard per layer + root, bf16 mixed precision, fp32 LoRA adapters / fp32 full-FT master, AdamW,
 # 2 micro-batches of 1536-token padded sequences through grpo_core.algorithm.token_logprobs), second step of
 # two, one GPU, no vLLM: the planner's trainer parts (no context/NCCL/vLLM/fragmentation) must match.
-H200_TRAINER_PEAKS = [  # (shape, lora, checkpointing, micro-batch, entropy, measured GiB)
+H200_TRAINER_PEAKS = [  # (shape, lora, checkpointing, micro-batch, entropy: False/True(loss)/"metric", GiB)
     ("Qwen2.5-14B", True, True, 8, False, 51.019),
     ("Qwen2.5-14B", True, True, 16, False, 67.915),
     ("Qwen2.5-14B", True, True, 4, True, 57.066),
+    ("Qwen2.5-14B", True, True, 4, "metric", 57.067),  # entropy_coef=0, entropy logged under no_grad
+    ("Qwen2.5-1.5B", False, True, 8, "metric", 64.635),
     ("Qwen2.5-14B", True, False, 1, False, 50.466),
     ("Qwen2.5-1.5B", False, True, 8, False, 35.670),
     ("Qwen2.5-3B", False, False, 2, False, 63.893),
@@ -240,12 +270,13 @@ H200_TRAINER_PEAKS = [  # (shape, lora, checkpointing, micro-batch, entropy, mea
 
 
 @pytest.mark.parametrize("name, lora, ckpt, mb, ent, measured", H200_TRAINER_PEAKS)
-def test_trainer_parts_match_h200_measurements(name: str, lora: bool, ckpt: bool, mb: int, ent: bool,
+def test_trainer_parts_match_h200_measurements(name: str, lora: bool, ckpt: bool, mb: int, ent: bool | str,
                                                measured: float) -> None:
     c = load(None, ["model.path=x", "model.dtype=bfloat16", f"model.lora_rank={32 if lora else 0}",
                     f"model.gradient_checkpointing={str(ckpt).lower()}", f"trainer.micro_batch_size={mb}",
-                    f"algorithm.entropy_coef={0.001 if ent else 0.0}", "algorithm.kl_coef=0.0", "rollout.sleep_level=2"])
-    p = plan(KNOWN_SHAPES[name], c, 1, 1000.0)
+                    f"algorithm.entropy_coef={0.001 if ent is True else 0.0}", "algorithm.kl_coef=0.0",
+                    "rollout.sleep_level=2"])
+    p = plan(KNOWN_SHAPES[name], c, 1, 1000.0, Knobs(entropy_metric=ent == "metric"))
     skip = ("CUDA context", "NCCL", "vLLM", "allocator fragmentation")
     trainer = {s.name: sum(q.gib for q in s.parts if q.where == "gpu" and not q.name.startswith(skip)) for s in p.stages}
     predicted = max(trainer[s] for s in ("update", "update (end of backward)", "optimizer step"))
