@@ -36,7 +36,7 @@ GIB = 1024**3
 # ---- calibration constants (fit these to measured H200 peaks)
 CUDA_CONTEXT_GIB = 0.75  # per process: CUDA context + cuBLAS workspaces, outside torch's allocator
 NCCL_GIB = 0.5  # NCCL communicator buffers once a process group spans >1 GPU
-FRAGMENTATION = 0.10  # caching-allocator reserved/allocated overhead on the trainer's GPU parts
+FRAGMENTATION = 0.10  # reserved/allocated overhead on the trainer's GPU parts (H200, no expandable_segments: 4-23%)
 VLLM_OVERHEAD_GIB = 1.0  # CUDA graphs + non-torch memory inside vLLM's budget
 VLLM_MAX_BATCHED_TOKENS = 16384  # vLLM's profiling forward sets its activation reserve
 VLLM_SLEEP_RESIDUAL_GIB = 0.5  # what a sleeping engine keeps (graph pools, non-cumem buffers)
@@ -304,6 +304,9 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
             return "host" if (t.optimizer_offload or t.param_offload) else "gpu"
         return "gpu" if not t.optimizer_offload or stage == "optimizer step" else "host"
 
+    if t.optimizer_offload and not t.param_offload and k.offload_style == "fsdp2":
+        notes.append("optimizer_offload without param_offload is modeled as host AdamW states with a CPU step;"
+                     " grpo_core.policy offloads only through param_offload (CPUOffloadPolicy)")
     share = getattr(r, "share_base_weights", None)
     if lora and share is None:
         notes.append("no rollout.share_base_weights in config: trainer and vLLM each hold the base weights")
