@@ -31,6 +31,7 @@ from .config import ModelConfig, TrainerConfig
 from .distributed import DistInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ENTROPY_CHUNK = 128  # sequence positions per entropy chunk
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -91,7 +92,10 @@ class Policy:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.mesh = init_device_mesh(info.device.type, (info.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
-        offload = CPUOffloadPolicy() if trainer_cfg.param_offload and info.device.type == "cuda" else None
+        # FSDP2 offloads parameters, gradients and optimizer state together
+        # (the optimizer step then runs on the CPU): either switch turns it on.
+        wants_offload = trainer_cfg.param_offload or trainer_cfg.optimizer_offload
+        offload = CPUOffloadPolicy() if wants_offload and info.device.type == "cuda" else None
         for module in [model] + ([self.reference] if self.reference is not None else []):
             self._shard(module, mp, offload)
         self.model = model
@@ -133,8 +137,11 @@ class Policy:
         if with_entropy and entropy_grad:
             entropy = entropy_from_logits(logits)
         elif with_entropy:
+            # A metric only: chunked so no [B, T, vocab] fp32 temporary exists.
             with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach())
+                entropy = torch.cat(
+                    [entropy_from_logits(c) for c in logits.detach().split(ENTROPY_CHUNK, dim=1)], dim=1
+                )
         return logprobs, entropy
 
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -164,6 +171,10 @@ class Policy:
         """HF-named full weights, one tensor at a time (gathered from shards
         as they go, so no rank ever holds the whole model twice)."""
         for name, param in self.model.named_parameters():
+            if self.is_lora:  # the frozen base, under its Hugging Face name
+                if "lora_" in name:
+                    continue
+                name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
             full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
             yield name, full.detach().to(dtype)
 

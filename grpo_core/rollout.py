@@ -46,6 +46,7 @@ class RolloutEngine:
         self.cfg = cfg
         self.on_cpu = on_cpu
         self.lora_rank = lora_rank
+        self._asleep = self._weights_awake = False
         self._lora_version = 0
         self._lora_path: str | None = None
         kwargs = dict(
@@ -116,6 +117,7 @@ class RolloutEngine:
     def load_full_weights(self, weights: Iterable[tuple[str, Tensor]]) -> float:
         """Replace every weight in place; returns seconds taken."""
         start = time.perf_counter()
+        self.wake_weights()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
@@ -134,9 +136,23 @@ class RolloutEngine:
 
     # ------------------------------------------------------------ memory
     def sleep(self) -> None:
-        if self.cfg.sleep_level and not self.on_cpu:
+        """Release the KV cache (and weights) for the update."""
+        if self.cfg.sleep_level and not self.on_cpu and not self._asleep:
             self.llm.sleep(level=self.cfg.sleep_level)
+            self._asleep, self._weights_awake = True, False
+
+    @property
+    def discards_weights(self) -> bool:
+        return self.cfg.sleep_level == 2 and not self.on_cpu
+
+    def wake_weights(self) -> None:
+        """Weights only, before a sync writes into them; the KV cache stays
+        released until the next rollout."""
+        if self._asleep and not self._weights_awake:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
 
     def wake_up(self) -> None:
-        if self.cfg.sleep_level and not self.on_cpu:
-            self.llm.wake_up()
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
+            self._asleep = self._weights_awake = False

@@ -119,11 +119,14 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
 
 def sync_weights(policy, engine, adapter_dir: Path) -> float:
     start = time.perf_counter()
+    dtype = torch.float32 if policy.cfg.dtype == "float32" else torch.bfloat16
     if policy.is_lora:
+        if engine.discards_weights:  # sleep level 2 dropped the base weights too
+            engine.load_full_weights(policy.iter_full_weights(dtype))
         policy.save_lora_adapter(adapter_dir)
         engine.load_lora(adapter_dir)
     else:
-        engine.load_full_weights(policy.iter_full_weights(torch.float32 if policy.cfg.dtype == "float32" else torch.bfloat16))
+        engine.load_full_weights(policy.iter_full_weights(dtype))
     return time.perf_counter() - start
 
 
