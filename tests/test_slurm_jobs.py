@@ -1,0 +1,273 @@
+"""jobs.* against a real local Slurm (tests/slurm_harness.py; root, scripts/install_slurm.sh).
+
+- The rendered GPU scripts pass `sbatch --test-only` on a fake-GPU node; bad
+  environments (no sbatch, an unreachable controller, a value with shell
+  metacharacters) fail with one line and leave nothing behind.
+- The slurm-cpu tiny recipe runs to the end through Slurm, and the same run
+  interrupted three ways (USR2 warning, `scontrol requeue`, preemption by a
+  job on the higher-priority partition) ends with the same final step,
+  bit-identical trainable weights, the same metrics steps and one MLflow run
+  without duplicate steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from jobs.profiles import load_profile
+from tests.slurm_harness import LocalSlurm  # the `slurm_cluster` session fixture comes from conftest.py
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parent.parent
+GPU_PROFILES = ("h100x2", "h800x4")
+
+
+def _cli(module: str, *args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _cpus_needed(name: str) -> int:
+    c = load_profile(name).cluster
+    return c.nodes * c.tasks_per_node * max(1, c.cpus_per_task)
+
+
+@pytest.fixture(scope="module")
+def gpu_node(slurm_cluster: LocalSlurm) -> Iterator[LocalSlurm]:
+    """A fake-GPU node big enough for the GPU profiles' CPU requests.
+
+    The session cluster's node may declare fewer CPUs than a real GPU node
+    (it keeps preemption tests cheap); then a second local cluster with a
+    GPU-node-sized declaration answers --test-only.
+    """
+    need = max(_cpus_needed(name) for name in GPU_PROFILES)
+    if slurm_cluster.cpus >= need and slurm_cluster.gpus >= 4:
+        yield slurm_cluster
+        return
+    node = LocalSlurm(cpus=max(64, need), gpus=8)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("name", GPU_PROFILES)
+def test_gpu_scripts_pass_sbatch_test_only(name: str, gpu_node: LocalSlurm, tmp_path: Path) -> None:
+    env = gpu_node.full_env()
+    dry = _cli("jobs.submit", "--profile", name, "--name", "tt", "--runs-dir", str(tmp_path / "runs"), "--dry-run",
+               env=env)
+    assert dry.returncode == 0, dry.stderr
+    script = tmp_path / f"{name}.sbatch"
+    script.write_text(dry.stdout)
+    out = gpu_node.run("sbatch", "--test-only", str(script), check=False)
+    assert out.returncode == 0 and "to start at" in out.stderr, out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shell_metacharacters_reach_slurm_as_data(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
+    """A partition with `;` is refused by Slurm as a name; a comment with `$(...)` arrives verbatim."""
+    env, runs_dir = slurm_cluster.full_env(), str(tmp_path / "runs")
+    out = _cli("jobs.submit", "--profile", "slurm-cpu", "--name", "evil", "--runs-dir", runs_dir,
+               "cluster.partition=cpu; touch pwned", env=env)
+    assert out.returncode == 2 and "Invalid partition name specified" in _one_line_error(out.stderr)
+    assert not (tmp_path / "runs" / "evil").exists()
+    comment = "x; touch pwned2 `touch pwned3` $(touch pwned4)"
+    out = _cli("jobs.submit", "--profile", "slurm-cpu", "--name", "held", "--runs-dir", runs_dir,
+               f"cluster.sbatch.comment={comment}", "cluster.sbatch.hold=true", f"cluster.env.X={comment}", env=env)
+    assert out.returncode == 0, out.stderr
+    job_id = re.search(r"job:\s+(\d+) \(Slurm job\)", out.stdout).group(1)  # type: ignore[union-attr]
+    assert slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%k").stdout.strip() == comment
+    status = _cli("jobs.status", "held", "--runs-dir", runs_dir, env=env)
+    assert "state:        pending" in status.stdout, status.stdout + status.stderr
+    cancel = _cli("jobs.cancel", "held", "--runs-dir", runs_dir, env=env)
+    assert cancel.returncode == 0 and f"cancelled run held (job {job_id})" in cancel.stdout, cancel.stderr
+    slurm_cluster.wait_state(job_id, "CANCELLED", timeout=30)
+    assert "state:        cancelled" in _cli("jobs.status", "held", "--runs-dir", runs_dir, env=env).stdout
+    assert not list(REPO.glob("pwned*")) and not list(tmp_path.rglob("pwned*"))
+
+
+def test_unreachable_controller(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
+    conf = tmp_path / "slurm.conf"
+    text = slurm_cluster.conf_path.read_text()
+    conf.write_text(re.sub(r"(?m)^SlurmctldPort=\d+$", "SlurmctldPort=1", text))  # nothing listens on port 1
+    env = {**slurm_cluster.full_env(), "SLURM_CONF": str(conf)}
+    out = _cli("jobs.submit", "--profile", "slurm-cpu", "--name", "down", "--runs-dir", str(tmp_path / "runs"), env=env)
+    assert out.returncode == 2
+    assert "Unable to contact slurm controller" in _one_line_error(out.stderr)
+    assert not (tmp_path / "runs" / "down").exists()
+
+
+def test_no_sbatch_on_path(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    env["PATH"] = str(tmp_path / "empty")
+    out = _cli("jobs.submit", "--profile", "slurm-cpu", "--runs-dir", str(tmp_path / "runs"), env=env)
+    assert out.returncode == 2 and "'sbatch' not found on PATH" in _one_line_error(out.stderr)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- end to end, through the trainer
+
+# A tiny step takes ~0.15 s on CPU: 40 of them leave the scheduler a few seconds
+# to act on a preemption after step 3, while a whole run stays well under a minute.
+# One CPU per job, so the straight, USR2 and requeue runs proceed side by side.
+STEPS = 40
+TINY = [f"train.trainer.total_steps={STEPS}", "train.checkpoint.every=4", "train.trainer.num_threads=1",
+        "cluster.cpus_per_task=1"]
+INTERRUPT_AT = 3
+RUN_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One workdir for all runs: the tiny model (runs/tiny-model) is built once and shared."""
+    return tmp_path_factory.mktemp("e2e")
+
+
+def _start(cluster: LocalSlurm, workdir: Path, name: str) -> tuple[Path, str]:
+    # Each run its own runs dir, so each has its own mlflow.db: runs never share a SQLite file.
+    out = subprocess.run([sys.executable, "-m", "jobs.submit", "--profile", "slurm-cpu", "--name", name,
+                          "--runs-dir", str(workdir / name), "--no-follow", *TINY],
+                         cwd=workdir, env=cluster.full_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = re.search(r"job:\s+(\d+) \(Slurm job\)", out.stdout).group(1)  # type: ignore[union-attr]
+    return workdir / name / name, job_id
+
+
+def _logs(run_dir: Path, lines: int = 25) -> str:
+    logs = sorted((run_dir / "slurm").glob("*_log.*"))
+    return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) for p in logs)
+
+
+def _status(run_dir: Path) -> dict:
+    from jobs.runs import read_status
+
+    return read_status(run_dir)
+
+
+def _state(run_dir: Path) -> str:
+    from jobs.runs import view
+
+    return view(run_dir).state
+
+
+def _wait_finished(run_dir: Path) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while _state(run_dir) not in ("finished", "stopped", "cancelled", "failed"):
+        assert time.monotonic() < deadline, f"timed out; status {_status(run_dir)}\n{_logs(run_dir)}"
+        time.sleep(0.3)
+    status = _status(run_dir)
+    assert _state(run_dir) == "finished" and status["step"] == STEPS, f"{status}\n{_logs(run_dir)}"
+
+
+def _interrupt(how: str, cluster: LocalSlurm, job_id: str) -> None:
+    if how == "usr2":  # what submitit's --signal=USR2@lead sends before the time limit
+        cluster.run("scancel", "--signal=USR2", job_id)
+    elif how == "requeue":
+        cluster.run("scontrol", "requeue", job_id)
+    else:  # a job on `high` that needs every CPU preempts ours (PreemptMode=REQUEUE)
+        cluster.sbatch("-p", "high", f"--cpus-per-task={cluster.cpus}", "--time=5", "--output=/dev/null",
+                       "--wrap", "sleep 2")
+
+
+def _run_all(cluster: LocalSlurm, workdir: Path, plan: dict[str, str | None]) -> dict[str, Path]:
+    """Start every run of `plan` (name -> how to interrupt it, or None), interrupt each after
+    step INTERRUPT_AT, and wait for all to end."""
+    started = {name: _start(cluster, workdir, name) for name in plan}
+    todo = {name: how for name, how in plan.items() if how}
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while todo:
+        for name, how in list(todo.items()):
+            run_dir, job_id = started[name]
+            status = _status(run_dir)
+            assert status.get("state") != "finished", f"{name} finished before it could be interrupted"
+            if (status.get("step") or 0) >= INTERRUPT_AT:
+                _interrupt(how, cluster, job_id)
+                del todo[name]
+        assert time.monotonic() < deadline, f"runs never reached step {INTERRUPT_AT}: {sorted(todo)}"
+        time.sleep(0.1)
+    for run_dir, _ in started.values():
+        _wait_finished(run_dir)
+    return {name: run_dir for name, (run_dir, _) in started.items()}
+
+
+@pytest.fixture(scope="module")
+def side_by_side(slurm_cluster: LocalSlurm, workdir: Path) -> dict[str, Path]:
+    return _run_all(slurm_cluster, workdir, {"straight": None, "int-usr2": "usr2", "int-requeue": "requeue"})
+
+
+def _trainable(run_dir: Path, step: int) -> dict:
+    import torch
+
+    return torch.load(run_dir / "checkpoints" / f"step_{step:06d}" / "trainable.pt", map_location="cpu")
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _mlflow_run(run_dir: Path, name: str) -> tuple[list[int], dict[str, str], str]:
+    """The one MLflow run of this run name: its reward_mean steps, tags and status."""
+    from mlflow.tracking import MlflowClient
+
+    status = _status(run_dir)
+    client = MlflowClient(tracking_uri=status["mlflow_tracking_uri"])
+    experiment = client.get_experiment_by_name("grpo")
+    found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'")
+    assert [r.info.run_id for r in found] == [status["mlflow_run_id"]], "exactly one MLflow run per run name"
+    history = client.get_metric_history(found[0].info.run_id, "reward_mean")
+    return sorted(m.step for m in history), found[0].data.tags, found[0].info.status
+
+
+def test_slurm_cpu_runs_to_the_end(side_by_side: dict[str, Path]) -> None:
+    straight = side_by_side["straight"]
+    status = _status(straight)
+    assert status["state"] == "finished" and status["step"] == status["total_steps"] == STEPS
+    assert status["restarts"] == 0 and _steps(straight) == list(range(1, STEPS + 1))
+    steps, tags, mlflow_status = _mlflow_run(straight, "straight")
+    assert steps == list(range(1, STEPS + 1)) and mlflow_status == "FINISHED"
+    assert tags["slurm_restart_count"] == "0" and tags["slurm_job_id"]
+
+
+@pytest.mark.parametrize("how", ("usr2", "requeue", "preempt"))
+def test_interrupted_run_resumes_bit_identically(how: str, slurm_cluster: LocalSlurm, workdir: Path,
+                                                 side_by_side: dict[str, Path]) -> None:
+    import torch
+
+    name = f"int-{how}"
+    if how == "preempt":  # alone: the high-priority job would preempt any run beside it
+        side_by_side = {**side_by_side, **_run_all(slurm_cluster, workdir, {name: how})}
+    run_dir, straight = side_by_side[name], side_by_side["straight"]
+    status = _status(run_dir)
+    assert status["restarts"] >= 1, f"the job was not requeued: {status}\n{_logs(run_dir)}"
+    logs = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").glob("*_log.out"))
+    assert "[grpo] resuming from" in logs, f"the requeued job did not resume from a checkpoint\n{_logs(run_dir)}"
+
+    # Same final step, bit-identical trainable weights.
+    ours, ref = _trainable(run_dir, STEPS), _trainable(straight, STEPS)
+    assert sorted(ours) == sorted(ref)
+    assert [k for k in ref if not torch.equal(ours[k], ref[k])] == []
+    # Every step exactly once, as in the straight run; every kept checkpoint is complete and loads.
+    assert _steps(run_dir) == _steps(straight) == list(range(1, STEPS + 1))
+    for ckpt in sorted((run_dir / "checkpoints").iterdir()):
+        assert ckpt.name.startswith("step_"), f"leftover {ckpt}"
+        torch.load(ckpt / "trainable.pt", map_location="cpu")
+        torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    # One MLflow run without duplicate steps, the restart count as a tag.
+    steps, tags, mlflow_status = _mlflow_run(run_dir, name)
+    assert steps == list(range(1, STEPS + 1)) and mlflow_status == "FINISHED"
+    assert tags["slurm_restart_count"] == str(status["restarts"])
