@@ -651,10 +651,13 @@ def slurm_cluster() -> Iterator[LocalSlurm]:
     after scripts/install_slurm.sh.
     """
     cluster = LocalSlurm()
+    error = None
     try:
         cluster.start()
     except LocalSlurmError as e:
-        pytest.fail(str(e), pytrace=False)
+        error = str(e)
+    if error is not None:
+        pytest.fail(error, pytrace=False)
     saved = {k: os.environ.get(k) for k in cluster.env()}
     os.environ.update(cluster.env())
     try:
