@@ -94,20 +94,27 @@ def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float
 
 
 def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConfig) -> dict[str, float]:
-    """Mini-batches of micro-batches with gradient accumulation."""
+    """Mini-batches of micro-batches with gradient accumulation.
+
+    Each rank holds its share of the rows. The loss is normalised by the
+    global denominator (all ranks' tokens or sequences) and multiplied by
+    the world size, which FSDP's gradient averaging divides out again: the
+    update is the same for 1 and N ranks."""
     t = cfg.trainer
+    world = policy.info.world_size
     rows_per_mini = len(batch) * t.mini_batch_prompts // t.prompts_per_step
     stats: dict[str, list[float]] = {}
     for _epoch in range(t.ppo_epochs):
         for mini_start in range(0, len(batch), rows_per_mini):
             mini_rows = list(range(mini_start, mini_start + rows_per_mini))
-            denominator = micro_weights(batch, mini_rows, cfg.algorithm.loss_agg)
+            denominator = distributed.all_sum(micro_weights(batch, mini_rows, cfg.algorithm.loss_agg))
             optimizer.zero_grad(set_to_none=True)
             for start in range(0, len(mini_rows), t.micro_batch_size):
                 rows = mini_rows[start : start + t.micro_batch_size]
-                scale = micro_weights(batch, rows, cfg.algorithm.loss_agg) / max(denominator, 1.0)
+                scale = world * micro_weights(batch, rows, cfg.algorithm.loss_agg) / max(denominator, 1.0)
                 mb = batch.select(rows).to(policy.info.device)
                 for key, value in forward_backward(policy, mb, cfg, scale).items():
+                    # x world, so that all_mean over ranks yields the global aggregate
                     stats.setdefault(key, []).append(value * scale)
             stats.setdefault("grad_norm", []).append(policy.clip_grad_norm(cfg.optim.grad_clip))
             stats.setdefault("lr", []).append(scheduler.get_last_lr()[0])
