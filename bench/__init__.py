@@ -1,0 +1,1 @@
+"""GPU benchmarks of grpo_core against plain vLLM / HF + peft (see bench/README.md)."""

@@ -1,0 +1,285 @@
+"""Weight sync into vLLM: the LoRA adapter and all 14B weights, seconds; and
+the sync check (engine log-probs == trainer log-probs) for both.
+
+    python -m bench.sync [--tiny] [--sync-repeats 3]
+
+LoRA, ours: grpo_core.train.sync_weights (gather the adapter, write it to
+/dev/shm, point the engine at it) plus the adapter's load inside vLLM, which
+happens at the next request: measured as the extra latency of a one-token
+request right after the sync. Baseline: the same one-token request with a
+LoRARequest that vLLM has not seen (an adapter already on disk), i.e. plain
+vLLM's adapter load.
+
+Full, ours: sync_weights on a full-fine-tune-like trainer model (fp32
+master weights, FSDP2-sharded as grpo_core.policy does: iter_full_weights ->
+RolloutEngine.load_full_weights), CUDA-synchronized. Baseline: vLLM's model.
+load_weights fed bf16 tensors already on the GPU (the issue's 0.06 s).
+
+Check: before timing LoRA, the trainer's (random) base weights are loaded
+into the engine so that both sides hold the same model; the adapter's B
+matrices are then perturbed (random init leaves them 0) so that a sync that
+did nothing would show. Log-probs of a few random sequences are compared.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+from bench import common
+
+LORA_METRICS = [("sync_lora_s", "s"), ("synccheck_lora_max_abs_diff", "nats")]
+FULL_METRICS = [("sync_full_s", "s"), ("synccheck_full_max_abs_diff", "nats")]
+
+
+def add_args(p) -> None:
+    g = p.add_argument_group("sync")
+    g.add_argument("--sync-repeats", type=int, default=None, help="timed syncs of each kind (default 3; tiny 2)")
+    g.add_argument("--check-seqs", type=int, default=4, help="sequences in the log-prob check")
+    g.add_argument("--check-tokens", type=int, default=None, help="prompt and response tokens each (default 32; tiny 8)")
+    g.add_argument("--lora-perturb", type=float, default=None, help="std of the noise added to LoRA B (default 0.02)")
+    g.add_argument("--check-tolerance", type=float, default=None,
+                   help="a stated tolerance on max |engine - trainer| (nats): recorded with passed true/false")
+
+
+# ------------------------------------------------------------------ helpers
+def _dtype(cfg):
+    from grpo_core.policy import DTYPES
+
+    return DTYPES[cfg.model.dtype]
+
+
+def lora_base_weights(policy, dtype):
+    """The LoRA policy's frozen base under HF names (peft's wrapper names undone)."""
+    for name, param in policy.model.named_parameters():
+        if "lora_" in name:
+            continue
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
+        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        yield name, full.detach().to(dtype)
+
+
+def perturb_lora(policy, std: float, seed: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                local = param.to_local() if hasattr(param, "to_local") else param.data
+                local.add_(torch.randn(local.shape, generator=g).to(local) * std)
+
+
+def check_sequences(count: int, tokens: int, vocab: int, seed: int):
+    seqs = common.random_prompts(count, 2 * tokens, vocab, seed)
+    return [s[:tokens] for s in seqs], [s[tokens:] for s in seqs]
+
+
+def engine_logprobs(eng, prompts, responses):
+    return [eng.sequence_logprobs(p, r) for p, r in zip(prompts, responses)]
+
+
+def trainer_logprobs(forward_logprobs, prompts, responses, device, pad_id):
+    import torch
+
+    from grpo_core.batch import pack
+
+    batch = pack(prompts, responses, torch.zeros(len(prompts)), pad_id).to(device)
+    with torch.no_grad():
+        lp, _ = forward_logprobs(batch.input_ids, batch.attention_mask, 1.0)
+    return [lp[i, len(p) - 1 : len(p) - 1 + len(r)].float().cpu().tolist() for i, (p, r) in enumerate(zip(prompts, responses))]
+
+
+def compare(engine_lp, trainer_lp, before_lp) -> dict:
+    import torch
+
+    e = torch.tensor([x for row in engine_lp for x in row])
+    t = torch.tensor([x for row in trainer_lp for x in row])
+    b = torch.tensor([x for row in before_lp for x in row])
+    diff, moved = (e - t).abs(), (e - b).abs()
+    return {"tokens": int(diff.numel()), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "max_change_since_before": float(moved.max()), "mean_change_since_before": float(moved.mean()),
+            "trainer_logprob_mean": float(t.mean())}
+
+
+def one_token(eng, prompt, lora_request):
+    from vllm import SamplingParams
+
+    with common.Timer() as t:
+        eng.llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, temperature=1.0), use_tqdm=False,
+                         lora_request=lora_request)
+    return t.s
+
+
+def plain(req):
+    """The same adapter as a LoRARequest without load_inplace (vLLM's normal use)."""
+    from vllm.lora.request import LoRARequest
+
+    return None if req is None else LoRARequest(req.lora_name, req.lora_int_id, req.lora_path)
+
+
+# ------------------------------------------------------------------ LoRA
+def run_lora(ctx) -> None:
+    from vllm.lora.request import LoRARequest
+
+    from grpo_core.train import sync_weights
+
+    args, tr, cfg = ctx.args, ctx.tr, ctx.cfg
+    eng, policy = tr.engine, tr.policy
+    if not policy.is_lora:
+        raise RuntimeError("the recipe is a full fine-tune (model.lora_rank=0): no LoRA sync to measure")
+    repeats = args.sync_repeats or (2 if args.tiny else 3)
+    tokens = args.check_tokens or (8 if args.tiny else 32)
+    vocab = len(tr.tokenizer)
+    probe = common.random_prompts(1, 16, vocab, args.seed + 11)[0]
+    prompts, responses = check_sequences(args.check_seqs, tokens, vocab, args.seed + 12)
+    # 0. the trainer's base into the engine: both sides then hold one model (dummy weights differ otherwise)
+    with common.Timer() as t_base:
+        eng.load_full_weights(lora_base_weights(policy, _dtype(cfg)))
+    # 1. the current adapter in place and loaded; the steady one-token latency without any load
+    sync_weights(policy, eng, tr.adapter_dir)
+    one_token(eng, probe, eng._lora_request())
+    steady = statistics.median(one_token(eng, probe, plain(eng._lora_request())) for _ in range(3))
+    before = engine_logprobs(eng, prompts, responses)
+    # 2. baseline: plain vLLM loading an adapter it has not seen, from disk
+    raw_dir = Path(tempfile.mkdtemp(prefix="bench-raw-adapter-"))
+    policy.save_lora_adapter(raw_dir)
+    raw = []
+    for i in range(repeats):
+        raw.append(max(0.0, one_token(eng, probe, LoRARequest(f"bench-raw-{i}", 1000 + i, str(raw_dir))) - steady))
+    # 3. ours: new adapter weights each time, sync_weights, then the load at the next request
+    std = args.lora_perturb if args.lora_perturb is not None else (0.05 if args.tiny else 0.02)
+    ours, parts = [], []
+    for i in range(repeats):
+        perturb_lora(policy, std, args.seed + 100 + i)
+        with common.Timer() as t_sync:
+            reported = sync_weights(policy, eng, tr.adapter_dir)
+        first = max(0.0, one_token(eng, probe, eng._lora_request()) - steady)
+        ours.append(t_sync.s + first)
+        parts.append({"sync_weights_s": t_sync.s, "sync_weights_reported_s": reported, "load_at_next_request_s": first})
+    # 4. the check: engine (base + synced adapter) vs trainer (Policy.forward_logprobs)
+    after = engine_logprobs(eng, prompts, responses)
+    mine = trainer_logprobs(policy.forward_logprobs, prompts, responses, tr.info.device, tr.tokenizer.pad_token_id)
+    check = compare(after, mine, before)
+    check.update(dtype=cfg.model.dtype, lora_rank=cfg.model.lora_rank, perturb_std=std, sequences=len(prompts))
+    adapter_mib = sum(f.stat().st_size for f in Path(tr.adapter_dir).glob("*")) / 2**20
+    common.record("sync_lora_s", statistics.median(ours), "s",
+                  "plain vLLM loading an adapter already on disk (new LoRARequest, 1-token request)",
+                  statistics.median(raw), ctx.out, higher_is_better=False, target={"op": "<=", "value": 0.5},
+                  runs={"ours": parts, "ours_total_s": ours, "raw_s": raw}, steady_one_token_s=steady,
+                  adapter_mib=adapter_mib, base_weights_into_engine_s=t_base.s, engine=ctx.engine_info())
+    tol = args.check_tolerance
+    common.record("synccheck_lora_max_abs_diff", check["max_abs_diff"], "nats",
+                  "change of the engine's log-probs through the sync (a sync that did nothing: diff == change)",
+                  check["max_change_since_before"], ctx.out, higher_is_better=False, check=check,
+                  tolerance=tol, passed=None if tol is None else check["max_abs_diff"] <= tol)
+
+
+# ------------------------------------------------------------------ full weights
+def _load_direct(worker, weights):
+    """Plain vLLM: the model's load_weights on tensors already in place."""
+    import torch
+
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    model.load_weights(iter(weights))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def full_trainer_model(cfg, info):
+    """A full-fine-tune trainer model without Policy's frozen reference copy
+    (which would not fit next to the engine): fp32 master weights, FSDP2 as
+    Policy._shard does it, and Policy's own iter_full_weights/forward_logprobs."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from grpo_core.policy import Policy, _decoder_layers
+
+    model = common.from_config(cfg.model.path, dtype=torch.float32, device=info.device,
+                               attn_implementation=cfg.model.attn_implementation)
+    model.config.use_cache = False
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    kwargs = {"mesh": mesh}
+    if _dtype(cfg) != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_dtype(cfg), reduce_dtype=torch.float32)
+    for layer in _decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    shim = types.SimpleNamespace(model=model, is_lora=False, reference=None, cfg=cfg.model, info=info)
+    shim.iter_full_weights = types.MethodType(Policy.iter_full_weights, shim)
+    shim.forward_logprobs = types.MethodType(Policy.forward_logprobs, shim)
+    return shim
+
+
+def run_full(ctx) -> None:
+    import torch
+
+    from grpo_core.train import sync_weights
+
+    args, tr, cfg = ctx.args, ctx.tr, ctx.cfg
+    eng = tr.engine
+    repeats = args.sync_repeats or (2 if args.tiny else 3)
+    tokens = args.check_tokens or (8 if args.tiny else 32)
+    vocab = len(tr.tokenizer)
+    prompts, responses = check_sequences(args.check_seqs, tokens, vocab, args.seed + 13)
+    ctx.drop_policy()  # the LoRA trainer (its base weights) out of the way
+    saved_path, eng._lora_path = eng._lora_path, None  # requests without the adapter: base weights alone
+    try:
+        before = engine_logprobs(eng, prompts, responses)
+        shim = full_trainer_model(cfg, tr.info)
+        ours, reported = [], []
+        for _ in range(repeats):
+            with common.Timer() as t:
+                reported.append(sync_weights(shim, eng, tr.adapter_dir))
+            ours.append(t.s)
+        after = engine_logprobs(eng, prompts, responses)
+        mine = trainer_logprobs(shim.forward_logprobs, prompts, responses, tr.info.device, tr.tokenizer.pad_token_id)
+        check = compare(after, mine, before)
+        check.update(dtype=cfg.model.dtype, trainer_master_dtype="float32", sequences=len(prompts))
+        shapes = [(name, tuple(p.shape)) for name, p in shim.model.named_parameters()]
+        numel = sum(torch.Size(s).numel() for _, s in shapes)
+        del shim
+        common.free_memory()
+        # baseline: bf16 tensors already on the device (random: only the time matters), the model's load_weights
+        dtype = _dtype(cfg)
+        ready = [(name, torch.empty(shape, dtype=dtype, device=tr.info.device).normal_(0, 0.02)) for name, shape in shapes]
+        raw, raw_path = [], "model.load_weights via collective_rpc"
+        for _ in range(repeats):
+            try:
+                with common.Timer() as t:
+                    eng.llm.collective_rpc(_load_direct, kwargs={"weights": ready})
+                    eng.llm.reset_prefix_cache()
+            except Exception as exc:  # noqa: BLE001 - vLLM on CPU repacks weights; then its reload_weights
+                raw_path = f"reload_weights (direct load_weights failed: {type(exc).__name__}: {str(exc)[:200]})"
+                with common.Timer() as t:
+                    eng.load_full_weights(ready)
+            raw.append(t.s)
+        del ready
+        common.free_memory()
+    finally:
+        eng._lora_path = saved_path
+    gib = numel * torch.tensor([], dtype=_dtype(cfg)).element_size() / common.GIB
+    common.record("sync_full_s", statistics.median(ours), "s", f"plain vLLM in-place load of ready bf16 tensors ({raw_path})",
+                  statistics.median(raw), ctx.out, higher_is_better=False, target={"op": "<=", "value": 2.0},
+                  runs={"ours_s": ours, "ours_reported_by_sync_weights_s": reported, "raw_s": raw},
+                  params=numel, synced_gib=gib, engine=ctx.engine_info(),
+                  note="ours: fp32 FSDP2 master -> bf16, one gathered tensor at a time, into RolloutEngine.load_full_weights")
+    tol = args.check_tolerance
+    common.record("synccheck_full_max_abs_diff", check["max_abs_diff"], "nats",
+                  "change of the engine's log-probs through the sync (a sync that did nothing: diff == change)",
+                  check["max_change_since_before"], ctx.out, higher_is_better=False, check=check,
+                  tolerance=tol, passed=None if tol is None else check["max_abs_diff"] <= tol)
+
+
+def main(argv=None) -> int:
+    from bench import suite
+
+    return suite.main(["--only", "sync_lora,sync_full"] + list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
