@@ -66,6 +66,8 @@ def run(ctx) -> None:
     # warm-up: first requests, the adapter's load
     ours(prompts[:4], 8, 0)
     raw(prompts[:4], 8, 0)
+    if ctx.original_lora_request is not None:
+        _probe_as_is(ctx, ours, raw, prompts[:4], args)
     runs = {"ours": [], "raw": []}
     for rep in range(args.rollout_repeats):
         for name, fn in (("raw", raw), ("ours", ours)) if rep % 2 == 0 else (("ours", ours), ("raw", raw)):
@@ -85,6 +87,32 @@ def run(ctx) -> None:
         ours_impl="RolloutEngine.generate" + (" (ignore_eos=True)" if native_ignore else " (no ignore_eos parameter yet)"),
         issue_reference=ISSUE_REFERENCE, startup=ctx.startup_s,
     )
+
+
+def _probe_as_is(ctx, ours, raw, batch, args) -> None:
+    """The trainer's rollout as it is (an adapter reload at every engine step),
+    on a small batch, against raw vLLM on the same: what the fix buys."""
+    from grpo_core.rollout import RolloutEngine
+
+    tokens = 8 if args.tiny else 32
+    fixed = RolloutEngine._lora_request
+    RolloutEngine._lora_request = ctx.original_lora_request
+    try:
+        ctx.tr.engine.llm.reset_prefix_cache()
+        with common.Timer() as t_ours:
+            n_ours = ours(batch, tokens, 0)
+    finally:
+        RolloutEngine._lora_request = fixed
+    ours(batch, 2, 0)  # back to the fixed request (loads the adapter under its id)
+    ctx.tr.engine.llm.reset_prefix_cache()
+    with common.Timer() as t_raw:
+        n_raw = raw(batch, tokens, 0)
+    common.record(
+        "rollout_as_is_lora_request_tokens_per_s", n_ours / t_ours.s, "tokens/s",
+        "raw vLLM, same small batch (plain LoRARequest)", n_raw / t_raw.s, ctx.out,
+        batch={"prompts": len(batch), "max_tokens": tokens}, seconds={"ours_as_is": t_ours.s, "raw": t_raw.s},
+        note="RolloutEngine._lora_request as committed (load_inplace=True on every request): vLLM reloads the adapter "
+             "from disk at every engine step. rollout_tokens_per_s is measured with the proposed fix applied.")
 
 
 def main(argv=None) -> int:

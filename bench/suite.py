@@ -31,6 +31,10 @@ def parse(argv=None):
                    help="vLLM gpu_memory_utilization (default 0.4: KV cache for ~150 rollouts at once next to the "
                         "trainer; the recipe's 0.25 leaves ~20 on an H200)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile (faster start, slower decode)")
+    p.add_argument("--as-is-lora-request", action="store_true",
+                   help="keep RolloutEngine._lora_request as it is even if it sends load_inplace=True with every "
+                        "request (vLLM then reloads the adapter from disk at every engine step); by default the "
+                        "proposed fix (a new adapter id per sync) is applied in-process and the as-is cost is probed")
     rollout.add_args(p)
     sync.add_args(p)
     grpo_step.add_args(p)
@@ -52,10 +56,12 @@ class Context:
     data: str
     sampler: object
     startup_s: dict = field(default_factory=dict)
+    original_lora_request: object = None  # set when the bench replaced RolloutEngine._lora_request
 
     def engine_info(self) -> dict:
         eng, r = self.tr.engine, self.cfg.rollout
-        info = {"gpu_memory_utilization": r.gpu_memory_utilization, "max_num_seqs": r.max_num_seqs,
+        info = {"lora_request_fix_applied_by_bench": self.original_lora_request is not None,
+                "gpu_memory_utilization": r.gpu_memory_utilization, "max_num_seqs": r.max_num_seqs,
                 "enforce_eager": bool(r.enforce_eager or eng.on_cpu), "enable_prefix_caching": r.enable_prefix_caching,
                 "lora_rank": eng.lora_rank, "sleep_level": r.sleep_level, "load_format": self.cfg.model.load_format}
         try:
@@ -106,12 +112,40 @@ def build_context(args) -> Context:
         tr = build_trainer(cfg)
     build_s = time.perf_counter() - t0
     sampler = common.DeviceMemSampler()
+    original = None
+    if tr.engine.lora_rank > 0 and not args.as_is_lora_request and reloads_every_step():
+        from grpo_core.rollout import RolloutEngine
+
+        original, RolloutEngine._lora_request = RolloutEngine._lora_request, lora_request_once
+        print("[bench] RolloutEngine._lora_request sends load_inplace=True (an adapter reload at every engine step): "
+              "replaced in this process by a new adapter id per sync (see bench/README.md)", flush=True)
     t0 = time.perf_counter()
     resume_or_start(tr)  # seeds, and for LoRA the first adapter sync (as a run starts)
     start_s = time.perf_counter() - t0
     print(f"[bench] trainer built in {build_s:.1f}s (engine + policy), first sync {start_s:.2f}s", flush=True)
     return Context(tr, cfg, args, common.out_dir(args), path, data, sampler,
-                   {"shape_dir_s": shape_s, "build_trainer_s": build_s, "resume_or_start_s": start_s})
+                   {"shape_dir_s": shape_s, "build_trainer_s": build_s, "resume_or_start_s": start_s}, original)
+
+
+def reloads_every_step() -> bool:
+    """Whether RolloutEngine still marks every request load_inplace=True:
+    vLLM's worker then reloads the adapter from disk at every engine step
+    (LRUCacheWorkerLoRAManager.add_adapter, vLLM 0.26 and 0.32)."""
+    import inspect
+
+    from grpo_core.rollout import RolloutEngine
+
+    return "load_inplace=True" in inspect.getsource(RolloutEngine._lora_request)
+
+
+def lora_request_once(self):
+    """The proposed RolloutEngine._lora_request: a new id per synced
+    version, so vLLM loads each adapter once (max_loras=1 evicts the old)."""
+    if self.lora_rank <= 0 or self._lora_path is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"policy-v{self._lora_version}", self._lora_version, self._lora_path)
 
 
 def main(argv=None) -> int:
@@ -146,6 +180,10 @@ def main(argv=None) -> int:
                 if metric not in common.WRITTEN:
                     common.record_error(metric, unit, out, exc, stage=name)
         print(f"[bench] ---- {name} took {time.perf_counter() - t0:.1f}s", flush=True)
+    if ctx.original_lora_request is not None:
+        from grpo_core.rollout import RolloutEngine
+
+        RolloutEngine._lora_request = ctx.original_lora_request
     try:
         ctx.tr.engine.close()
     except Exception:  # noqa: BLE001

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Every benchmark, each in its own process, in sequence; one failing (or
+# timing out) does not stop the others. Results: one JSON per figure, a log
+# per process, run_all.log and SUMMARY.md.
+#
+#   bash bench/run_all.sh [--tiny] [extra args passed to every script]
+#
+# Where results go: $OUT/h200 when OUT is set (the device run's fetched
+# folder; --tiny: $OUT/tiny), else bench/results/h200 (--tiny: a temp dir).
+# Environment (all optional):
+#   PYTHON            interpreter (default: python3; --tiny: .venv/bin/python when present)
+#   BENCH_DATA        GSM8K train.jsonl for grpo_step (default ../shared/data/gsm8k/train.jsonl if present)
+#   VLLM_SITE         dir holding the vLLM bundle's packages, put on PYTHONPATH (default /tmp/site);
+#                     installed there first from /tmp/parts when missing (../shared/device/README.md)
+#   BENCH_ONLY        subset, space separated: "train_step planner_check suite"
+#   BENCH_DEADLINE_S  wall budget for the whole run (default 560; --tiny 1500); each process gets
+#                     what is left (train_step and planner_check at most 150 s each on the GPU)
+#   BENCH_SUITE_ARGS  extra args for bench.suite only (e.g. "--gpu-mem-util 0.3")
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+TINY=0
+for a in "$@"; do [ "$a" = "--tiny" ] && TINY=1; done
+
+if [ -n "${OUT:-}" ]; then
+  RESULTS="$OUT/$([ $TINY = 1 ] && echo tiny || echo h200)"
+elif [ $TINY = 1 ]; then
+  RESULTS="${TMPDIR:-/tmp}/grpo-bench-tiny"
+else
+  RESULTS="$REPO/bench/results/h200"
+fi
+mkdir -p "$RESULTS/logs"
+LOG="$RESULTS/run_all.log"
+: > "$LOG"
+say() { echo "[run_all $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+if [ -z "${PYTHON:-}" ]; then
+  if [ $TINY = 1 ] && [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+# The vLLM bundle (GPU machines have no vLLM of their own).
+VLLM_SITE=${VLLM_SITE:-/tmp/site}
+if [ $TINY = 0 ] && [ ! -d "$VLLM_SITE/vllm" ] && [ -d /tmp/parts ]; then
+  say "installing the vLLM bundle from /tmp/parts into $VLLM_SITE"
+  ( cd /tmp && cat parts/p* > bundle.tar && mkdir -p b "$VLLM_SITE" && tar -C b -xf bundle.tar \
+      && tar -C "$VLLM_SITE" -xJf b/vllm.tar.xz \
+      && "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$VLLM_SITE" b/wheels/*.whl ) >> "$LOG" 2>&1 \
+    || say "bundle install FAILED (see log)"
+fi
+if [ -d "$VLLM_SITE/vllm" ]; then
+  export PYTHONPATH="$REPO:$VLLM_SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+export BENCH_OUT="$RESULTS"
+export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+# as the recipe's cluster env (cluster_profiles/h100x2.yaml); set it empty to turn off
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF-expandable_segments:True}
+[ -z "${BENCH_GIT_SHA:-}" ] && BENCH_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown) && export BENCH_GIT_SHA
+
+if [ $TINY = 1 ]; then DEADLINE=${BENCH_DEADLINE_S:-1500}; CAP=600; else DEADLINE=${BENCH_DEADLINE_S:-560}; CAP=150; fi
+ONLY=${BENCH_ONLY:-"train_step planner_check suite"}
+START=$(date +%s)
+say "results -> $RESULTS; python $PYTHON; deadline ${DEADLINE}s; only: $ONLY"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader >> "$LOG" 2>&1
+
+FAILED=""
+run() {  # run NAME CAP_S MODULE ARGS...
+  local name=$1 cap=$2 module=$3; shift 3
+  case " $ONLY " in *" $name "*) ;; *) return 0 ;; esac
+  local left=$(( DEADLINE - ($(date +%s) - START) ))
+  local limit=$(( left < cap ? left : cap ))
+  if [ "$limit" -le 20 ]; then say "SKIP $name: no time left (${left}s)"; FAILED="$FAILED $name(skipped)"; return 0; fi
+  say "START $name (limit ${limit}s): $PYTHON -m $module $*"
+  local t0=$(date +%s)
+  timeout --signal=TERM --kill-after=20 "$limit" "$PYTHON" -m "$module" "$@" > "$RESULTS/logs/$name.log" 2>&1
+  local rc=$?
+  grep -h '^\[bench\]' "$RESULTS/logs/$name.log" >> "$LOG"
+  say "END $name rc=$rc in $(( $(date +%s) - t0 ))s"
+  if [ $rc -ne 0 ]; then FAILED="$FAILED $name(rc=$rc)"; tail -n 25 "$RESULTS/logs/$name.log" | sed 's/^/    /' >> "$LOG"; fi
+}
+
+run train_step "$CAP" bench.train_step "$@"
+run planner_check "$CAP" bench.planner_check "$@"
+# shellcheck disable=SC2086
+run suite 100000 bench.suite "$@" ${BENCH_SUITE_ARGS:-}
+
+"$PYTHON" -m bench.summary "$RESULTS" >> "$LOG" 2>&1 || say "summary failed"
+say "done in $(( $(date +%s) - START ))s; failed:${FAILED:- none}"
+[ -z "$FAILED" ]
