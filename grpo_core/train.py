@@ -28,6 +28,7 @@ from . import algorithm, checkpoint, config, distributed, rundir
 from .batch import RolloutBatch, pack
 from .config import ConfigError, TrainConfig
 from .data import DataError, PromptSampler, build_prompt
+from .plots import write_curves
 from .preemption import Preemption
 from .reward import gsm8k_score
 from .setup import ModelPathError, load_task, resolve_model
@@ -150,6 +151,17 @@ def _git_sha() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def provenance_tags(run_dir: Path, restarts: int) -> dict[str, str]:
+    """Facts that can change between restarts of one run: tags, not params."""
+    run_info = rundir.read_json(run_dir / "run.json") or {}
+    env = os.environ.get
+    return {
+        "profile": str(run_info.get("profile", "")), "slurm_restart_count": str(restarts),
+        "slurm_job_id": env("SLURM_JOB_ID", ""), "cluster": env("SLURM_CLUSTER_NAME", "local"),
+        "nodelist": env("SLURM_JOB_NODELIST", socket.gethostname()),
+    }
 
 
 def _seed_everything(seed: int) -> None:
@@ -318,7 +330,10 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
         params=config.flatten(config.to_dict(cfg)),
         tags={"git_sha": _git_sha(), "host": socket.gethostname(), "run_dir": str(run_dir)},
     )
-    tracker.set_tags({"slurm_restart_count": str(restarts), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
+    tracker.set_tags(provenance_tags(run_dir, restarts))
+    for name in ("profile.yaml", "train.yaml", "job.sbatch", "job.sh"):
+        if info.is_main and (run_dir / name).is_file():
+            tracker.log_artifact(run_dir / name, "run")
     tr.state.mlflow_run_id = tracker.run_id
     if info.is_main:
         rundir.truncate_metrics(run_dir, tr.state.step)
@@ -353,6 +368,10 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
     tr.engine.close()
     if info.is_main:
         rundir.write_status(run_dir, state=status)
+        if status == "finished":
+            curves = write_curves(rundir.read_metrics(run_dir), run_dir / "curves.png", run_dir.name)
+            if curves is not None:
+                tracker.log_artifact(curves, "plots")
     tracker.finish("FINISHED" if status == "finished" else "KILLED")
     return TrainResult(status=status, step=tr.state.step, run_dir=run_dir, mlflow_run_id=tracker.run_id)
 
