@@ -112,30 +112,27 @@ def build_context(args) -> Context:
         tr = build_trainer(cfg)
     build_s = time.perf_counter() - t0
     sampler = common.DeviceMemSampler()
+    t0 = time.perf_counter()
+    resume_or_start(tr)  # seeds, and for LoRA the first adapter sync (as a run starts)
+    start_s = time.perf_counter() - t0
     original = None
-    if tr.engine.lora_rank > 0 and not args.as_is_lora_request and reloads_every_step():
+    if not args.as_is_lora_request and reloads_every_step(tr.engine):
         from grpo_core.rollout import RolloutEngine
 
         original, RolloutEngine._lora_request = RolloutEngine._lora_request, lora_request_once
         print("[bench] RolloutEngine._lora_request sends load_inplace=True (an adapter reload at every engine step): "
               "replaced in this process by a new adapter id per sync (see bench/README.md)", flush=True)
-    t0 = time.perf_counter()
-    resume_or_start(tr)  # seeds, and for LoRA the first adapter sync (as a run starts)
-    start_s = time.perf_counter() - t0
     print(f"[bench] trainer built in {build_s:.1f}s (engine + policy), first sync {start_s:.2f}s", flush=True)
     return Context(tr, cfg, args, common.out_dir(args), path, data, sampler,
                    {"shape_dir_s": shape_s, "build_trainer_s": build_s, "resume_or_start_s": start_s}, original)
 
 
-def reloads_every_step() -> bool:
-    """Whether RolloutEngine still marks every request load_inplace=True:
-    vLLM's worker then reloads the adapter from disk at every engine step
-    (LRUCacheWorkerLoRAManager.add_adapter, vLLM 0.26 and 0.32)."""
-    import inspect
-
-    from grpo_core.rollout import RolloutEngine
-
-    return "load_inplace=True" in inspect.getsource(RolloutEngine._lora_request)
+def reloads_every_step(engine) -> bool:
+    """Whether the engine's LoRA requests carry load_inplace=True: vLLM's
+    worker then reloads the adapter from disk at every engine step
+    (WorkerLoRAManager.add_adapter, vLLM 0.26 and 0.32)."""
+    req = engine._lora_request() if engine.lora_rank > 0 else None
+    return bool(req is not None and getattr(req, "load_inplace", False))
 
 
 def lora_request_once(self):

@@ -51,16 +51,6 @@ def _dtype(cfg):
     return DTYPES[cfg.model.dtype]
 
 
-def lora_base_weights(policy, dtype):
-    """The LoRA policy's frozen base under HF names (peft's wrapper names undone)."""
-    for name, param in policy.model.named_parameters():
-        if "lora_" in name:
-            continue
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
-        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        yield name, full.detach().to(dtype)
-
-
 def perturb_lora(policy, std: float, seed: int) -> None:
     import torch
 
@@ -139,7 +129,7 @@ def run_lora(ctx) -> None:
     base_error = None
     with common.Timer() as t_base:
         try:
-            eng.load_full_weights(lora_base_weights(policy, _dtype(cfg)))
+            eng.load_full_weights(policy.iter_full_weights(_dtype(cfg)))  # a LoRA policy yields its base, HF-named
         except Exception as exc:  # noqa: BLE001 - the timing still means something; the check then will not match
             import traceback
 
@@ -198,7 +188,7 @@ def _load_direct(worker, weights):
         torch.cuda.synchronize()
 
 
-def full_trainer_model(cfg, info):
+def full_trainer_model(cfg, info, master_dtype):
     """A full-fine-tune trainer model without Policy's frozen reference copy
     (which would not fit next to the engine): fp32 master weights, FSDP2 as
     Policy._shard does it, and Policy's own iter_full_weights/forward_logprobs."""
@@ -208,12 +198,12 @@ def full_trainer_model(cfg, info):
 
     from grpo_core.policy import Policy, _decoder_layers
 
-    model = common.from_config(cfg.model.path, dtype=torch.float32, device=info.device,
+    model = common.from_config(cfg.model.path, dtype=master_dtype, device=info.device,
                                attn_implementation=cfg.model.attn_implementation)
     model.config.use_cache = False
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     kwargs = {"mesh": mesh}
-    if _dtype(cfg) != torch.float32:
+    if _dtype(cfg) != master_dtype:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_dtype(cfg), reduce_dtype=torch.float32)
     for layer in _decoder_layers(model):
         fully_shard(layer, **kwargs)
@@ -239,7 +229,13 @@ def run_full(ctx) -> None:
     saved_path, eng._lora_path = eng._lora_path, None  # requests without the adapter: base weights alone
     try:
         before = engine_logprobs(eng, prompts, responses)
-        shim = full_trainer_model(cfg, tr.info)
+        master = torch.float32
+        if torch.cuda.is_available():  # fp32 master weights next to the engine, if they fit
+            need = common.n_params(cfg.model.path) * 4 * 1.1 + 6 * common.GIB
+            if torch.cuda.mem_get_info()[0] < need:
+                master = _dtype(cfg)
+                print(f"[bench] sync_full: not enough free memory for fp32 master weights; using {master}", flush=True)
+        shim = full_trainer_model(cfg, tr.info, master)
         ours, reported = [], []
         for _ in range(repeats):
             with common.Timer() as t:
@@ -248,7 +244,7 @@ def run_full(ctx) -> None:
         after = engine_logprobs(eng, prompts, responses)
         mine = trainer_logprobs(shim.forward_logprobs, prompts, responses, tr.info.device, tr.tokenizer.pad_token_id)
         check = compare(after, mine, before)
-        check.update(dtype=cfg.model.dtype, trainer_master_dtype="float32", sequences=len(prompts))
+        check.update(dtype=cfg.model.dtype, trainer_master_dtype=str(master).removeprefix("torch."), sequences=len(prompts))
         shapes = [(name, tuple(p.shape)) for name, p in shim.model.named_parameters()]
         numel = sum(torch.Size(s).numel() for _, s in shapes)
         del shim
@@ -276,7 +272,9 @@ def run_full(ctx) -> None:
                   statistics.median(raw), ctx.out, higher_is_better=False, target={"op": "<=", "value": 2.0},
                   runs={"ours_s": ours, "ours_reported_by_sync_weights_s": reported, "raw_s": raw},
                   params=numel, synced_gib=gib, engine=ctx.engine_info(),
-                  note="ours: fp32 FSDP2 master -> bf16, one gathered tensor at a time, into RolloutEngine.load_full_weights")
+                  trainer_master_dtype=str(master).removeprefix("torch."),
+                  note="ours: FSDP2 master weights -> engine dtype, one gathered tensor at a time, into "
+                       "RolloutEngine.load_full_weights (CUDA-synchronized)")
     tol = args.check_tolerance
     common.record("synccheck_full_max_abs_diff", check["max_abs_diff"], "nats",
                   "change of the engine's log-probs through the sync (a sync that did nothing: diff == change)",
