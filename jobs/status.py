@@ -123,7 +123,7 @@ def follow(run_dir: Path, poll_s: float | None = None, out: Any = None) -> int:
             if state != last_state:
                 print(f"[{time.strftime('%H:%M:%S')}] {state}", file=out, flush=True)
                 last_state = state
-            if v.state in DONE:
+            if v.state in DONE and v.job_state not in runs.ACTIVE:  # the job also closes MLflow: let it
                 print(f"{v.name}: {v.state} at step {_fmt_step(v)}, checkpoint {v.latest_checkpoint or '-'}",
                       file=out, flush=True)
                 if v.state != "finished":

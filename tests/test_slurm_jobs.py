@@ -7,7 +7,8 @@
   interrupted three ways (USR2 warning, `scontrol requeue`, preemption by a
   job on the higher-priority partition) ends with the same final step,
   bit-identical trainable weights, the same metrics steps and one MLflow run
-  without duplicate steps.
+  without duplicate steps; so does one stopped with jobs.cancel and started
+  again with jobs.resubmit.
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def test_no_sbatch_on_path(tmp_path: Path) -> None:
 
 # A tiny step takes ~0.15 s on CPU: 40 of them leave the scheduler a few seconds
 # to act on a preemption after step 3, while a whole run stays well under a minute.
-# One CPU per job, so the straight, USR2 and requeue runs proceed side by side.
+# One CPU per job, so the straight, USR2, requeue and cancel+resubmit runs
+# proceed side by side on the node's 4 CPUs.
 STEPS = 40
 TINY = [f"train.trainer.total_steps={STEPS}", "train.checkpoint.every=4", "train.trainer.num_threads=1",
         "cluster.cpus_per_task=1"]
@@ -166,19 +168,25 @@ def _state(run_dir: Path) -> str:
 
 
 def _wait_finished(run_dir: Path) -> None:
+    """Until the trainer says it ended and its job left the queue (MLflow is closed after status.json)."""
+    from jobs.runs import ACTIVE, view
+
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while _state(run_dir) not in ("finished", "stopped", "cancelled", "failed"):
+    while (v := view(run_dir)).state not in ("finished", "stopped", "cancelled", "failed") or v.job_state in ACTIVE:
         assert time.monotonic() < deadline, f"timed out; status {_status(run_dir)}\n{_logs(run_dir)}"
         time.sleep(0.3)
     status = _status(run_dir)
-    assert _state(run_dir) == "finished" and status["step"] == STEPS, f"{status}\n{_logs(run_dir)}"
+    assert v.state == "finished" and status["step"] == STEPS, f"{v}\n{status}\n{_logs(run_dir)}"
 
 
-def _interrupt(how: str, cluster: LocalSlurm, job_id: str) -> None:
+def _interrupt(how: str, cluster: LocalSlurm, run_dir: Path, job_id: str) -> None:
     if how == "usr2":  # what submitit's --signal=USR2@lead sends before the time limit
         cluster.run("scancel", "--signal=USR2", job_id)
     elif how == "requeue":
         cluster.run("scontrol", "requeue", job_id)
+    elif how == "cancel":  # the user's way: jobs.cancel now, jobs.resubmit once it has stopped
+        out = _cli("jobs.cancel", run_dir.name, "--runs-dir", str(run_dir.parent), env=cluster.full_env())
+        assert out.returncode == 0, out.stderr
     else:  # a job on `high` that needs every CPU preempts ours (PreemptMode=REQUEUE)
         cluster.sbatch("-p", "high", f"--cpus-per-task={cluster.cpus}", "--time=5", "--output=/dev/null",
                        "--wrap", "sleep 2")
@@ -186,19 +194,27 @@ def _interrupt(how: str, cluster: LocalSlurm, job_id: str) -> None:
 
 def _run_all(cluster: LocalSlurm, workdir: Path, plan: dict[str, str | None]) -> dict[str, Path]:
     """Start every run of `plan` (name -> how to interrupt it, or None), interrupt each after
-    step INTERRUPT_AT, and wait for all to end."""
+    step INTERRUPT_AT (resubmitting the cancelled ones), and wait for all to end."""
     started = {name: _start(cluster, workdir, name) for name in plan}
     todo = {name: how for name, how in plan.items() if how}
+    cancelled: set[str] = set()
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while todo:
+    while todo or cancelled:
         for name, how in list(todo.items()):
             run_dir, job_id = started[name]
             status = _status(run_dir)
             assert status.get("state") != "finished", f"{name} finished before it could be interrupted"
             if (status.get("step") or 0) >= INTERRUPT_AT:
-                _interrupt(how, cluster, job_id)
+                _interrupt(how, cluster, run_dir, job_id)
                 del todo[name]
-        assert time.monotonic() < deadline, f"runs never reached step {INTERRUPT_AT}: {sorted(todo)}"
+                cancelled |= {name} if how == "cancel" else set()
+        for name in list(cancelled):
+            run_dir = started[name][0]
+            if _state(run_dir) == "cancelled":
+                out = _cli("jobs.resubmit", name, "--runs-dir", str(run_dir.parent), env=cluster.full_env())
+                assert out.returncode == 0, out.stdout + out.stderr
+                cancelled.discard(name)
+        assert time.monotonic() < deadline, f"runs stuck: to interrupt {sorted(todo)}, to resubmit {sorted(cancelled)}"
         time.sleep(0.1)
     for run_dir, _ in started.values():
         _wait_finished(run_dir)
@@ -207,7 +223,8 @@ def _run_all(cluster: LocalSlurm, workdir: Path, plan: dict[str, str | None]) ->
 
 @pytest.fixture(scope="module")
 def side_by_side(slurm_cluster: LocalSlurm, workdir: Path) -> dict[str, Path]:
-    return _run_all(slurm_cluster, workdir, {"straight": None, "int-usr2": "usr2", "int-requeue": "requeue"})
+    plan = {"straight": None, "int-usr2": "usr2", "int-requeue": "requeue", "int-cancel": "cancel"}
+    return _run_all(slurm_cluster, workdir, plan)
 
 
 def _trainable(run_dir: Path, step: int) -> dict:
@@ -243,7 +260,7 @@ def test_slurm_cpu_runs_to_the_end(side_by_side: dict[str, Path]) -> None:
     assert tags["slurm_restart_count"] == "0" and tags["slurm_job_id"]
 
 
-@pytest.mark.parametrize("how", ("usr2", "requeue", "preempt"))
+@pytest.mark.parametrize("how", ("usr2", "requeue", "preempt", "cancel"))
 def test_interrupted_run_resumes_bit_identically(how: str, slurm_cluster: LocalSlurm, workdir: Path,
                                                  side_by_side: dict[str, Path]) -> None:
     import torch
@@ -253,7 +270,10 @@ def test_interrupted_run_resumes_bit_identically(how: str, slurm_cluster: LocalS
         side_by_side = {**side_by_side, **_run_all(slurm_cluster, workdir, {name: how})}
     run_dir, straight = side_by_side[name], side_by_side["straight"]
     status = _status(run_dir)
-    assert status["restarts"] >= 1, f"the job was not requeued: {status}\n{_logs(run_dir)}"
+    if how == "cancel":  # a second job (resubmit), not a requeue of the first
+        assert len(json.loads((run_dir / "run.json").read_text())["jobs"]) == 2
+    else:
+        assert status["restarts"] >= 1, f"the job was not requeued: {status}\n{_logs(run_dir)}"
     logs = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").glob("*_log.out"))
     assert "[grpo] resuming from" in logs, f"the requeued job did not resume from a checkpoint\n{_logs(run_dir)}"
 
