@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import pytest
 
 from jobs import cancel, launch, resubmit, runs, status, submit
 from jobs.profiles import load_profile
-from jobs.render import RunSpec, render_sbatch
 
 REPO = Path(__file__).resolve().parent.parent
 
