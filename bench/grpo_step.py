@@ -84,8 +84,7 @@ def run(ctx) -> None:
                 T.grpo_step(tr)
                 tr.sampler, seen["warm"] = real_sampler, False
             for _ in range(args.grpo_steps):
-                meter.clear()
-                common.free_memory()
+                meter.clear()  # the allocator's cache stays, as between a run's steps
                 ctx.sampler.reset()
                 tr.state.step += 1
                 metrics = T.grpo_step(tr)
