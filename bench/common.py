@@ -191,7 +191,7 @@ def record(metric: str, value: float | None, unit: str, baseline: str, baseline_
     WRITTEN.add(metric)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{metric}.json").write_text(json.dumps(rec, indent=1) + "\n")
+    (out_dir / f"{metric}.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
     show = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, (int, float)) else str(v))  # noqa: E731
     print(f"[bench] {metric}: {show(value)} {unit} | {baseline}: {show(baseline_value)} | ratio {show(ratio)}", flush=True)
     return rec
