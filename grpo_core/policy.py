@@ -71,6 +71,9 @@ class Policy:
                 model_path, dtype=load_dtype, attn_implementation=model_cfg.attn_implementation
             )
         model.config.use_cache = False
+        # from_pretrained returns the model in eval mode, where HF skips gradient
+        # checkpointing (GradientCheckpointingLayer checks self.training).
+        model.train()
         if model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference: nn.Module | None = None

@@ -71,8 +71,11 @@ class RolloutEngine:
             return None
         from vllm.lora.request import LoRARequest
 
-        # load_inplace: the same id with new tensors, else vLLM serves the old adapter.
-        return LoRARequest("policy", 1, self._lora_path, load_inplace=True)
+        # A new id per synced version: vLLM loads each adapter once, at its first
+        # request (max_loras=1 evicts the previous one). load_inplace=True would
+        # reload it from disk at every engine step (vLLM's WorkerLoRAManager.
+        # add_adapter runs per step); reusing an id without it serves the old one.
+        return LoRARequest(f"policy-v{self._lora_version}", self._lora_version, self._lora_path)
 
     def generate(
         self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float, max_tokens: int | list[int],

@@ -47,7 +47,7 @@ def mean_reward(records: list[dict], steps: range) -> float:
 
 
 # ------------------------------------------------------------------ learning
-LEARN_STEPS = 200
+LEARN_STEPS = 150
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["grpo", "flipped-advantage"])
