@@ -35,6 +35,12 @@ def _prepare_env(cfg: RolloutConfig, on_cpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
+def _load_weights_in_place(worker, weights: Iterator[tuple[str, Tensor]]) -> None:
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    model.load_weights(weights)
+
+
 class RolloutEngine:
     def __init__(
         self, model_path: str, cfg: RolloutConfig, *, dtype: str, seed: int, max_model_len: int,
@@ -121,7 +127,14 @@ class RolloutEngine:
         """Replace every weight in place; returns seconds taken."""
         start = time.perf_counter()
         self.wake_weights()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if self.on_cpu:
+            # vLLM's CPU backend repacks weights after loading, so only its
+            # reload path (which redoes the repacking) is correct there.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        else:
+            # On GPU, reload_weights (0.26) rebuilt layers on the meta device
+            # and broke the KV cache; the model's own load_weights is in place.
+            self.llm.collective_rpc(_load_weights_in_place, args=(iter(weights),))
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
