@@ -67,7 +67,7 @@ def full_sync_timing(shape_path: Path, tiny: bool, repeats: int = 3) -> dict:
     info = distributed.init_distributed("auto")
     engine = RolloutEngine(str(shape_path), cfg.rollout, dtype=cfg.model.dtype, seed=0, max_model_len=2048,
                            on_cpu=info.device.type == "cpu", load_format="dummy")
-    policy = Policy(str(shape_path), cfg.model, cfg.trainer, info)
+    policy = Policy(str(shape_path), cfg.model, cfg.trainer, info, needs_reference=False)
     sync = lambda: sync_weights(policy, engine, Path(tempfile.mkdtemp()))  # noqa: E731
     sync()  # warm-up: first gathers allocate
     ours = []

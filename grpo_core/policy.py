@@ -47,7 +47,10 @@ def _lora_targets(spec: str) -> str | list[str]:
 
 
 class Policy:
-    def __init__(self, model_path: str, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, info: DistInfo) -> None:
+    def __init__(
+        self, model_path: str, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, info: DistInfo,
+        *, needs_reference: bool = True,
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         self.cfg = model_cfg
@@ -91,7 +94,7 @@ class Policy:
                     p.data = p.data.float()
             if model_cfg.gradient_checkpointing:
                 model.enable_input_require_grads()
-        else:
+        elif needs_reference:  # only the KL term reads it; without KL it is a full copy wasted
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.mesh = init_device_mesh(info.device.type, (info.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None

@@ -212,7 +212,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.rollout.val_max_tokens),
         on_cpu=info.device.type == "cpu", load_format=cfg.model.load_format,
     )
-    policy = Policy(model_path, cfg.model, cfg.trainer, info)
+    policy = Policy(model_path, cfg.model, cfg.trainer, info, needs_reference=cfg.algorithm.kl_coef > 0)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
