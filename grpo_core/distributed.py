@@ -62,7 +62,9 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if world == 1:
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            init_method = "env://"  # torchrun: its agent's store
+        elif world == 1:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         else:
             addr = os.environ.get("MASTER_ADDR") or _first_slurm_host() or "127.0.0.1"

@@ -71,17 +71,19 @@ def resolve_model(cfg: TrainConfig, task: Task, info: DistInfo) -> str:
     m = cfg.model
     path = Path(m.path).expanduser()
     if m.tiny:
-        if not (path / "config.json").exists():
-            if info.is_main:
-                from .tiny import build_tiny_model
+        # Rank 0 builds; every rank waits at the same barrier either way (a
+        # rank that skipped it because the model had just appeared would
+        # leave the others waiting forever).
+        if info.is_main and not (path / "config.json").exists():
+            from .tiny import build_tiny_model
 
-                gsm8k = cfg.data.source == "gsm8k"
-                corpus = [f"user\n{ex.question} {task.suffix}\nassistant\n#### {ex.answer}" for ex in task.train[:3000]]
-                build_tiny_model(
-                    path, corpus, hidden=m.tiny_hidden, layers=m.tiny_layers, seed=0,
-                    vocab_size=512 if gsm8k else 64, full_byte_alphabet=gsm8k,
-                )
-            distributed.barrier()
+            gsm8k = cfg.data.source == "gsm8k"
+            corpus = [f"user\n{ex.question} {task.suffix}\nassistant\n#### {ex.answer}" for ex in task.train[:3000]]
+            build_tiny_model(
+                path, corpus, hidden=m.tiny_hidden, layers=m.tiny_layers, seed=0,
+                vocab_size=512 if gsm8k else 64, full_byte_alphabet=gsm8k,
+            )
+        distributed.barrier()
         return str(path.resolve())
     if (path / "config.json").is_file():
         return str(path.resolve())

@@ -129,7 +129,8 @@ def test_no_sbatch_on_path(tmp_path: Path) -> None:
 # proceed side by side on the node's 4 CPUs.
 STEPS = 40
 TINY = [f"train.trainer.total_steps={STEPS}", "train.checkpoint.every=4", "train.trainer.num_threads=1",
-        "cluster.cpus_per_task=1"]
+        "cluster.cpus_per_task=1", "train.trainer.prompts_per_step=16", "train.trainer.mini_batch_prompts=16",
+        "train.trainer.micro_batch_size=32", "train.rollout.n=8", "train.trainer.val_every=0"]
 INTERRUPT_AT = 3
 RUN_TIMEOUT_S = 420
 

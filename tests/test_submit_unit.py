@@ -357,7 +357,7 @@ def test_launch_finished(fake, capsys, monkeypatch) -> None:
     run_dir = _run_dir_for_launch(fake, capsys)
     calls = _fake_train_module(monkeypatch, "finished", None)
     assert launch.Launch(str(run_dir))()["status"] == "finished"
-    assert calls[0].trainer.run_dir == str(run_dir) and calls[0].rollout.n == 8
+    assert calls[0].trainer.run_dir == str(run_dir) and calls[0].rollout.n == 16
 
 
 def test_launch_requeues_itself_after_the_usr2_warning(fake, capsys, monkeypatch) -> None:
