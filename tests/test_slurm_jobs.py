@@ -141,10 +141,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
-def _start(cluster: LocalSlurm, workdir: Path, name: str) -> tuple[Path, str]:
+def _start(cluster: LocalSlurm, workdir: Path, name: str, *extra: str) -> tuple[Path, str]:
     # Each run its own runs dir, so each has its own mlflow.db: runs never share a SQLite file.
     out = subprocess.run([sys.executable, "-m", "jobs.submit", "--profile", "slurm-cpu", "--name", name,
-                          "--runs-dir", str(workdir / name), "--no-follow", *TINY],
+                          "--runs-dir", str(workdir / name), "--no-follow", *TINY, *extra],
                          cwd=workdir, env=cluster.full_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = re.search(r"job:\s+(\d+) \(Slurm job\)", out.stdout).group(1)  # type: ignore[union-attr]
@@ -292,3 +292,32 @@ def test_interrupted_run_resumes_bit_identically(how: str, slurm_cluster: LocalS
     steps, tags, mlflow_status = _mlflow_run(run_dir, name)
     assert steps == list(range(1, STEPS + 1)) and mlflow_status == "FINISHED"
     assert tags["slurm_restart_count"] == str(status["restarts"])
+
+
+# ---------------------------------------------------------------- world size 2 through Slurm
+
+WORLD2 = ("cluster.tasks_per_node=2",)
+
+
+def test_world_two_through_slurm_requeue_resumes_bit_identically(slurm_cluster: LocalSlurm, workdir: Path) -> None:
+    """slurm-cpu with 2 tasks (2 ranks: FSDP2 over gloo, one vLLM engine each),
+    requeued by Slurm mid-run, ends bit-identical to the same run uninterrupted."""
+    import torch
+
+    straight, _ = _start(slurm_cluster, workdir, "w2-straight", *WORLD2)
+    run_dir, job_id = _start(slurm_cluster, workdir, "w2-requeue", *WORLD2)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while (_status(run_dir).get("step") or 0) < INTERRUPT_AT:
+        assert _status(run_dir).get("state") != "finished", "finished before it could be interrupted"
+        assert time.monotonic() < deadline, f"no progress\n{_logs(run_dir)}"
+        time.sleep(0.1)
+    slurm_cluster.run("scontrol", "requeue", job_id)
+    for rd in (straight, run_dir):
+        _wait_finished(rd)
+    assert _status(run_dir)["restarts"] >= 1
+    ours, ref = _trainable(run_dir, STEPS), _trainable(straight, STEPS)
+    assert sorted(ours) == sorted(ref) and len(ref) > 0
+    assert [k for k in ref if not torch.equal(ours[k], ref[k])] == []
+    assert _steps(run_dir) == _steps(straight) == list(range(1, STEPS + 1))
+    logs = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").glob("*_log.*"))
+    assert "resuming from" in logs

@@ -115,7 +115,15 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_model, mlflow_server):
     client = MlflowClient(tracking_uri=mlflow_server)
     history = client.get_metric_history(status["mlflow_run_id"], "reward_mean")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
-    assert client.get_run(status["mlflow_run_id"]).info.status == "FINISHED"
+    run = client.get_run(status["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    # Provenance: tags and artifacts a reader needs to understand the run.
+    for tag in ("git_sha", "host", "run_dir", "cluster", "nodelist", "slurm_restart_count"):
+        assert run.data.tags.get(tag), f"tag {tag} missing: {run.data.tags}"
+    assert run.data.params["rollout.n"] == "8" and run.data.params["trainer.total_steps"] == "6"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "run")} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"run/train.yaml", "plots/curves.png"} <= artifacts, artifacts
     assert status["state"] == "finished" and status["step"] == 6
 
 
