@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from grpo_core.checkpoint import load_trainable
 from grpo_core.rundir import read_metrics
-from grpo_core.train import TIMING_KEYS
+from tests.equivalence import assert_same_run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "tests" / "recipes" / "tiny_synthetic.yaml"
@@ -98,15 +96,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_model, mlflow_server):
     assert 3 <= killed_at < 6, f"kill landed at step {killed_at}; the test needs a kill before the end"
     run_trainer(*common, f"trainer.run_dir={resumed}", "tracking.run_name=resumed")
 
-    a = load_trainable(straight / "checkpoints" / "step_000006")
-    b = load_trainable(resumed / "checkpoints" / "step_000006")
-    assert a.keys() == b.keys() and len(a) > 0
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]  # noqa: E731
-    ma, mb = strip(read_metrics(straight)), strip(read_metrics(resumed))
-    assert [r["step"] for r in mb] == [1, 2, 3, 4, 5, 6]
-    assert ma == mb, "per-step metrics differ between the straight and the resumed run"
+    assert_same_run(straight, resumed, 6)
 
     # One MLflow run, every step exactly once, finished.
     from mlflow.tracking import MlflowClient

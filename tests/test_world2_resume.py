@@ -11,11 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from grpo_core.checkpoint import load_trainable
 from grpo_core.rundir import read_metrics
-from grpo_core.train import TIMING_KEYS
+from tests.equivalence import assert_same_run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "tests" / "recipes" / "tiny_synthetic.yaml"
@@ -56,11 +53,4 @@ def test_world_two_resume_is_bit_exact(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from" in out.stdout
 
-    a = load_trainable(straight / "checkpoints" / "step_000004")
-    b = load_trainable(resumed / "checkpoints" / "step_000004")
-    assert a.keys() == b.keys() and len(a) > 0
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after a world-2 resume"
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]  # noqa: E731
-    assert strip(read_metrics(straight)) == strip(read_metrics(resumed))
-    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
+    assert_same_run(straight, resumed, 4)
