@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -198,9 +197,3 @@ class Policy:
         config = self.model.peft_config["default"].to_dict()
         config["target_modules"] = sorted(config["target_modules"]) if isinstance(config["target_modules"], (set, list)) else config["target_modules"]
         (directory / "adapter_config.json").write_text(json.dumps(config, indent=1, default=str))
-
-
-def broadcast_object(obj, src: int = 0):
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]

@@ -113,8 +113,3 @@ def build_tiny_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def corpus_words(texts: Iterable[str]) -> list[str]:
-    """Light cleanup so the vocabulary holds words, not whole lines."""
-    return [re.sub(r"\s+", " ", t) for t in texts]

@@ -27,7 +27,7 @@ import yaml
 from . import algorithm, checkpoint, config, distributed, rundir
 from .batch import RolloutBatch, pack
 from .config import ConfigError, TrainConfig
-from .data import DataError, PromptSampler, build_prompt
+from .data import DataError, PromptSampler
 from .plots import write_curves
 from .preemption import Preemption
 from .reward import gsm8k_score
