@@ -63,13 +63,13 @@ def forward_backward(policy, mb: RolloutBatch, cfg: TrainConfig, loss_scale: flo
         logprobs, old, a.advantage_sign * mb.advantages, mb.response_mask,
         clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg,
     )
-    out = {"policy_loss": float(loss), "clip_fraction": float(stats["clip_fraction"])}
+    out = {"policy_loss": float(loss.detach()), "clip_fraction": float(stats["clip_fraction"])}
     if mb.ref_logprobs is not None:
         kl = algorithm.aggregate_loss(algorithm.kl_penalty(logprobs, mb.ref_logprobs, a.kl_estimator), mb.response_mask, a.loss_agg)
         loss = loss + a.kl_coef * kl
-        out["kl"] = float(kl)
+        out["kl"] = float(kl.detach())
     ent = algorithm.aggregate_loss(entropy, mb.response_mask, a.loss_agg)
-    out["entropy"] = float(ent)
+    out["entropy"] = float(ent.detach())
     if a.entropy_coef:
         loss = loss - a.entropy_coef * ent
     (loss * loss_scale).backward()
