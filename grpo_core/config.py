@@ -33,6 +33,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     load_format: str = "auto"  # vLLM's; "dummy" = random weights (benchmarks)
+    # LoRA on CUDA: the frozen base is vLLM's own weights (views), not a second copy
+    share_base_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,10 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
-    sleep_level: int = 0  # 0: engine stays awake; 1 or 2: vLLM sleep during the update
+    # 0: engine stays awake; 1/2: KV cache released during the update and the
+    # weights offloaded to host (1) or dropped and re-sent (2); with a shared
+    # base only the KV cache is released
+    sleep_level: int = 0
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.rollout.sleep_level not in (0, 1, 2):
         raise ConfigError(f"rollout.sleep_level={cfg.rollout.sleep_level}; valid values: 0, 1, 2")
+    if cfg.model.share_base_weights:
+        conflicts = {
+            "model.lora_rank=0 (full fine-tuning updates the base)": cfg.model.lora_rank == 0,
+            "trainer.device=cpu (vLLM's CPU backend repacks its weights)": t.device == "cpu",
+            f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} (each rank needs the whole base)":
+                cfg.rollout.tensor_parallel_size != 1,
+            "trainer.param_offload=true (the shared base stays on the GPU)": t.param_offload,
+        }
+        for reason, bad in conflicts.items():
+            if bad:
+                raise ConfigError(f"model.share_base_weights=true does not work with {reason}")
     return cfg
 
 

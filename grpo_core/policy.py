@@ -11,7 +11,7 @@ import copy
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -45,21 +45,59 @@ def _lora_targets(spec: str) -> str | list[str]:
     return "all-linear" if spec == "all-linear" else [s.strip() for s in spec.split(",") if s.strip()]
 
 
+# Given the HF model's parameter shapes by name, tensors of those shapes
+# owned by someone else (RolloutEngine.share_weights: vLLM's own weights).
+SharedBase = Callable[[dict[str, tuple[int, ...]]], dict[str, Tensor]]
+
+
+def _model_on_shared_base(
+    model_path: str, cfg: ModelConfig, dtype: torch.dtype, shared_base: SharedBase, device: torch.device
+) -> nn.Module:
+    """The HF model built without weights of its own: every parameter is a
+    view of a tensor from `shared_base` (frozen), so the base exists once."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:  # one tensor under one name, as the engine holds it
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    views = shared_base({name: tuple(p.shape) for name, p in model.named_parameters()})
+    for name, view in views.items():
+        if view.dtype != dtype:
+            raise ValueError(f"shared {name} is {view.dtype}, the model computes in {dtype}")
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = nn.Parameter(view, requires_grad=False)
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"no shared tensor for {len(missing)} parameters, e.g. {missing[0]}")
+    return model.to(device)  # the buffers; the shared parameters are there already
+
+
 class Policy:
     def __init__(
         self, model_path: str, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, info: DistInfo,
-        *, needs_reference: bool = True,
+        *, needs_reference: bool = True, shared_base: SharedBase | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
         self.cfg = model_cfg
         self.info = info
         self.is_lora = model_cfg.lora_rank > 0
+        self.shares_base = shared_base is not None
+        if self.shares_base and not self.is_lora:
+            raise ValueError("only a frozen (LoRA) base can be shared with the engine")
         dtype = DTYPES[model_cfg.dtype]
         # Full fine-tuning keeps fp32 master weights and computes in bf16;
         # LoRA keeps the frozen base in the compute dtype (half the memory).
         load_dtype = dtype if self.is_lora else torch.float32
-        if model_cfg.load_format == "dummy":
+        if shared_base is not None:
+            model = _model_on_shared_base(model_path, model_cfg, load_dtype, shared_base, info.device)
+        elif model_cfg.load_format == "dummy":
             # Benchmarks: random weights in the real shape, built on the device.
             from transformers import AutoConfig
 
@@ -107,6 +145,8 @@ class Policy:
 
     def _shard(self, module: nn.Module, mp: MixedPrecisionPolicy | None, offload: CPUOffloadPolicy | None) -> None:
         kwargs: dict = {"mesh": self.mesh}
+        if self.shares_base:  # the shared base is the engine's: FSDP2 must neither shard nor copy it
+            kwargs["ignored_params"] = {p for p in module.parameters() if not p.requires_grad}
         if mp is not None:
             kwargs["mp_policy"] = mp
         if offload is not None:

@@ -34,10 +34,71 @@ def _prepare_env(cfg: RolloutConfig, on_cpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
-def _load_weights_in_place(worker, weights: Iterator[tuple[str, Tensor]]) -> None:
+def _worker_model(worker):
     runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    model.load_weights(weights)
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
+def _load_weights_in_place(worker, weights: Iterator[tuple[str, Tensor]]) -> None:
+    _worker_model(worker).load_weights(weights)
+
+
+def _engine_weights(worker) -> dict[str, Tensor]:
+    # vLLM's LoRA wrappers hold the real layer as `.base_layer`.
+    return {name.replace(".base_layer.", "."): p.data for name, p in _worker_model(worker).named_parameters()}
+
+
+def _release_kv_cache(worker) -> None:
+    """vLLM's sleep() also releases the weights, which a shared base cannot
+    lose; this unmaps only the pool's KV-cache allocations (wake_up(tags=
+    ["kv_cache"]) maps them back at the same addresses)."""
+    import torch
+    from vllm.device_allocator.cumem import CuMemAllocator, unmap_and_release
+
+    torch.cuda.synchronize()
+    for data in CuMemAllocator.get_instance().pointer_to_data.values():
+        if data.tag == "kv_cache" and not data.is_asleep:
+            unmap_and_release(data.handle)
+            data.is_asleep = True
+    torch.cuda.empty_cache()
+
+
+# vLLM's fused projections and the HF ones they stack, in row order.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_FUSED_INTO = {part: fused for fused, parts in FUSED_PROJECTIONS.items() for part in parts}
+
+
+def hf_views(engine_weights: dict[str, Tensor], hf_shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """Each HF parameter as a view of the engine's tensor that holds it.
+
+    q/k/v and gate/up are row blocks of vLLM's fused qkv_proj / gate_up_proj
+    (row slices of a contiguous matrix are contiguous views); embeddings and
+    the LM head may have padded rows. No data is copied, so the trainer and
+    the engine hold one base.
+    """
+    views = {}
+    for name, shape in hf_shapes.items():
+        prefix, module, leaf = _split(name)
+        start = 0
+        source = engine_weights.get(name)
+        if source is None and module in _FUSED_INTO:
+            fused = _FUSED_INTO[module]
+            source = engine_weights.get(f"{prefix}{fused}.{leaf}")
+            earlier = FUSED_PROJECTIONS[fused][: FUSED_PROJECTIONS[fused].index(module)]
+            start = sum(hf_shapes[f"{prefix}{part}.{leaf}"][0] for part in earlier)
+        if source is None:
+            raise KeyError(f"the engine holds no tensor for {name!r} (engine names like {next(iter(engine_weights))!r})")
+        view = source[start : start + shape[0]] if len(shape) else source
+        if tuple(view.shape) != tuple(shape):
+            raise ValueError(f"{name}: the engine's slice has shape {tuple(view.shape)}, the model wants {tuple(shape)}")
+        views[name] = view
+    return views
+
+
+def _split(name: str) -> tuple[str, str, str]:
+    head, _, leaf = name.rpartition(".")
+    prefix, _, module = head.rpartition(".")
+    return (prefix + "." if prefix else ""), module, leaf
 
 
 class RolloutEngine:
@@ -52,6 +113,7 @@ class RolloutEngine:
         self.on_cpu = on_cpu
         self.lora_rank = lora_rank
         self._asleep = self._weights_awake = False
+        self._weights_shared = False  # set once the trainer holds views of the engine's weights
         self._lora_version = 0
         self._lora_path: str | None = None
         kwargs = dict(
@@ -150,15 +212,33 @@ class RolloutEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
     # ------------------------------------------------------------ memory
+    def share_weights(self, hf_shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+        """The engine's own weights as views under HF names, for a frozen
+        trainer base that must not be a second copy. From then on sleep()
+        releases only the KV cache."""
+        if self.on_cpu or self.cfg.tensor_parallel_size != 1:
+            raise RuntimeError("shared base weights need a CUDA engine with tensor_parallel_size=1 "
+                               "(vLLM's CPU backend repacks its weights into its own layout)")
+        (weights,) = self.llm.collective_rpc(_engine_weights)
+        views = hf_views(weights, hf_shapes)
+        self._weights_shared = True
+        return views
+
     def sleep(self) -> None:
-        """Release the KV cache (and weights) for the update."""
-        if self.cfg.sleep_level and not self.on_cpu and not self._asleep:
+        """Release the KV cache (and, unless shared with the trainer, the weights) for the update."""
+        if not self.cfg.sleep_level or self.on_cpu or self._asleep:
+            return
+        if self._weights_shared:
+            self.llm.reset_prefix_cache()  # the cached blocks are about to be lost
+            self.llm.collective_rpc(_release_kv_cache)
+            self._asleep, self._weights_awake = True, True
+        else:
             self.llm.sleep(level=self.cfg.sleep_level)
             self._asleep, self._weights_awake = True, False
 
     @property
     def discards_weights(self) -> bool:
-        return self.cfg.sleep_level == 2 and not self.on_cpu
+        return self.cfg.sleep_level == 2 and not self.on_cpu and not self._weights_shared
 
     def wake_weights(self) -> None:
         """Weights only, before a sync writes into them; the KV cache stays
@@ -169,5 +249,10 @@ class RolloutEngine:
 
     def wake_up(self) -> None:
         if self._asleep:
-            self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
+            if self._weights_shared:
+                # Worker level: the executor's own bookkeeping never saw this sleep.
+                self.llm.collective_rpc("wake_up", kwargs={"tags": ["kv_cache"]})
+            else:
+                self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
             self._asleep = self._weights_awake = False
+        self._weights_shared = False  # set once the trainer holds views of the engine's weights

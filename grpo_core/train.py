@@ -192,6 +192,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     """Data, model, engine, optimizer. Bad input fails here, before the run
     directory is created."""
     info = distributed.init_distributed(cfg.trainer.device)
+    if cfg.model.share_base_weights and info.device.type != "cuda":
+        raise ConfigError(f"model.share_base_weights=true needs a CUDA device (this run is on {info.device.type})")
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)  # before vLLM, which freezes it
     task = load_task(cfg)
@@ -212,7 +214,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.rollout.val_max_tokens),
         on_cpu=info.device.type == "cpu", load_format=cfg.model.load_format,
     )
-    policy = Policy(model_path, cfg.model, cfg.trainer, info, needs_reference=cfg.algorithm.kl_coef > 0)
+    policy = Policy(
+        model_path, cfg.model, cfg.trainer, info, needs_reference=cfg.algorithm.kl_coef > 0,
+        shared_base=engine.share_weights if cfg.model.share_base_weights else None,
+    )
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
