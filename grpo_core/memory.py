@@ -307,11 +307,11 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     if t.optimizer_offload and not t.param_offload and k.offload_style == "fsdp2":
         notes.append("optimizer_offload without param_offload is modeled as host AdamW states with a CPU step;"
                      " grpo_core.policy offloads only through param_offload (CPUOffloadPolicy)")
-    share = getattr(r, "share_base_weights", None)
-    if lora and share is None:
-        notes.append("no rollout.share_base_weights in config: trainer and vLLM each hold the base weights")
-    elif lora and share:
+    share = lora and m.share_base_weights
+    if share:
         notes.append("base weights shared with vLLM: counted once, as vLLM's")
+    elif lora:
+        notes.append("model.share_base_weights=false: trainer and vLLM each hold the base weights")
     # ---- vLLM (per GPU)
     kv_heads_gpu = max(1, math.ceil(shape.kv_heads / tp))
     kv_per_token = 2 * shape.layers * kv_heads_gpu * shape.head_dim * dbytes  # vLLM serves model.dtype
@@ -324,15 +324,16 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     vw = Part(f"vLLM weights ({m.dtype}" + (" + LoRA slots" if lora else "") + f", /TP {tp})", v_weights, "gpu")
     vk = Part(f"vLLM KV cache ({kv_tokens} tokens)", max(kv_gib, 0.0), "gpu", "rest of gpu_memory_utilization")
     vx = Part("vLLM activations + CUDA graphs + sampler", v_work, "gpu")
-    asleep = [Part(f"vLLM asleep (level {r.sleep_level}) residual", VLLM_SLEEP_RESIDUAL_GIB, "gpu")]
+    residual = Part(f"vLLM asleep (level {r.sleep_level}) residual", VLLM_SLEEP_RESIDUAL_GIB, "gpu")
+    asleep = [residual]
     if r.sleep_level == 1:
         asleep.append(Part("vLLM weights backed up (sleep level 1)", v_weights, "host", "pinned"))
-    if lora and share:  # the trainer needs the shared base, so sleeping frees only the KV cache
-        asleep = [vw, asleep[0]]
+    if share:  # the trainer needs the shared base, so sleeping frees only the KV cache
+        asleep = [vw, residual]
     vllm = {"rollout": [vw, vx, vk]}
     for s in STAGES[1:-1]:
         vllm[s] = [vw, vx, vk] if r.sleep_level == 0 else asleep
-    vllm["sync"] = [vw, vx, vk] if r.sleep_level == 0 else [vw, asleep[0]]  # weights woken first, KV after sync
+    vllm["sync"] = [vw, vx, vk] if r.sleep_level == 0 else [vw, residual]  # weights woken first, KV after sync
 
     # ---- trainer state (sharded over w GPUs)
     def state(stage: str) -> list[Part]:
@@ -367,9 +368,10 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     final = 4 * shape.hidden + (2 * act * shape.hidden if not lora else 0)  # final norm (+ weight, lm_head input)
     chunk_tokens = t.micro_batch_size * (min(k.logprob_chunk, seq) if k.logprob_chunk else seq)
     root = shape.root_params()
-    fsdp_root = Part(f"FSDP root all-gathered (embed + lm_head, {m.dtype})", _gib(root * dbytes), "gpu")
+    # A shared base stays out of FSDP2: nothing of it is all-gathered.
+    fsdp_root = Part(f"FSDP root all-gathered (embed + lm_head, {m.dtype})", 0.0 if share else _gib(root * dbytes), "gpu")
     fsdp = Part(f"FSDP all-gathered: root + 2 layers ({m.dtype})",  # the layer in use + the prefetched one
-                _gib((root + 2 * shape.layer_params()) * dbytes), "gpu")
+                0.0 if share else _gib((root + 2 * shape.layer_params()) * dbytes), "gpu")
     layer_grads = 0 if lora else shape.layer_params() * (act + 4)  # unsharded grads + their fp32 reduce-scatter input
 
     def compute(stage: str) -> list[Part]:

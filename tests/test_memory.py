@@ -136,6 +136,19 @@ def test_sleep_frees_vllm_during_update_and_backs_up_weights() -> None:
     assert awake.peak_gib > asleep.peak_gib
 
 
+def test_shared_base_is_counted_once_and_only_the_kv_cache_sleeps() -> None:
+    own, shared = plan(Q14, cfg(), 1, 140.0), plan(Q14, cfg("model.share_base_weights=true"), 1, 140.0)
+    base = part(own, "update", "base weights").gib
+    assert base == pytest.approx(Q14.params() * 2 / 2**30)
+    for stage in ("update", "sync"):
+        names = [q.name for s in shared.stages if s.name == stage for q in s.parts]
+        assert not any(n.startswith("base weights") for n in names)
+        assert sum(n.startswith("vLLM weights (") for n in names) == 1, names  # kept awake: the trainer reads it
+        assert not any(n.startswith("vLLM KV") or n.startswith("vLLM weights backed up") for n in names)
+        assert not any(n.startswith("FSDP") for n in names)  # nothing of the base is all-gathered
+    assert own.peak_gib - shared.peak_gib > 0.9 * base
+
+
 def test_kv_cache_and_rollout_budget() -> None:
     p = plan(Q14, cfg(), 2, 140.0)
     # 2 (K,V) x 48 layers x 8 kv heads x 128 x 2 bytes per token
