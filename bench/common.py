@@ -78,10 +78,16 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--shape-cache", default=os.environ.get("BENCH_SHAPES", str(Path(tempfile.gettempdir()) / "grpo-bench-shapes")),
                    help="where generated model-shape dirs (config + tokenizer) are kept")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="suffix for every metric name (a second setting in the same results dir)")
     return p
 
 
+METRIC_SUFFIX = ""  # --tag
+
+
 def out_dir(args) -> Path:
+    global METRIC_SUFFIX
+    METRIC_SUFFIX = getattr(args, "tag", "") or ""
     if args.out:
         path = Path(args.out)
     elif os.environ.get("BENCH_OUT"):
@@ -177,6 +183,8 @@ def record(metric: str, value: float | None, unit: str, baseline: str, baseline_
 
     ratio = value / baseline_value always; `higher_is_better` says which way
     is good (for seconds and GiB, a ratio < 1 means ours is better)."""
+    WRITTEN.add(metric)  # by its untagged name, as callers ask
+    metric += METRIC_SUFFIX
     ratio = None
     if value is not None and baseline_value not in (None, 0):
         ratio = float(value) / float(baseline_value)
@@ -188,7 +196,6 @@ def record(metric: str, value: float | None, unit: str, baseline: str, baseline_
         "git_sha": _git_sha(), **extra,
     }
     rec = _clean(rec)
-    WRITTEN.add(metric)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{metric}.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
@@ -325,7 +332,7 @@ def bench_overrides(*, model_path: Path, tiny: bool, data: str, run_dir: Path) -
           "trainer.param_offload=false", "trainer.optimizer_offload=false", "tracking.enabled=false",
           f"trainer.run_dir={run_dir}", "rollout.tensor_parallel_size=1"]
     if tiny:  # bf16 matmuls are slow on CPUs without bf16 units; the smoke run checks code paths, not speed
-        ov += ["model.dtype=float32"]
+        ov += ["model.dtype=float32", "model.share_base_weights=false"]  # vLLM's CPU weights cannot be shared
     if data:
         ov += ["data.source=gsm8k", f"data.train_path={data}", "data.test_path="]
     else:

@@ -48,6 +48,15 @@ def _engine_weights(worker) -> dict[str, Tensor]:
     return {name.replace(".base_layer.", "."): p.data for name, p in _worker_model(worker).named_parameters()}
 
 
+def _wake_kv_cache(worker) -> None:
+    import torch
+
+    # Blocks the update freed go back to the driver first: otherwise they
+    # and the KV cache coexist and the step's peak is both.
+    torch.cuda.empty_cache()
+    worker.wake_up(tags=["kv_cache"])
+
+
 def _release_kv_cache(worker) -> None:
     """vLLM's sleep() also releases the weights, which a shared base cannot
     lose; this unmaps only the pool's KV-cache allocations (wake_up(tags=
@@ -251,7 +260,7 @@ class RolloutEngine:
         if self._asleep:
             if self._weights_shared:
                 # Worker level: the executor's own bookkeeping never saw this sleep.
-                self.llm.collective_rpc("wake_up", kwargs={"tags": ["kv_cache"]})
+                self.llm.collective_rpc(_wake_kv_cache)
             else:
                 self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
             self._asleep = self._weights_awake = False

@@ -54,8 +54,8 @@ def test_h100x2_is_the_lora_seed_recipe() -> None:
     assert (t.prompts_per_step, t.mini_batch_prompts, r.n) == (116, 116, 5)
     assert (p.train.optim.lr, a.kl_coef, a.kl_estimator, a.entropy_coef) == (3e-5, 0.001, "k3", 0.001)
     assert (p.train.data.max_prompt_tokens, r.max_tokens) == (512, 1024)
-    assert (t.param_offload, t.optimizer_offload) == (True, True)
-    assert (r.gpu_memory_utilization, r.max_num_seqs) == (0.25, 512)
+    assert (t.param_offload, t.optimizer_offload, m.share_base_weights, r.sleep_level) == (False, False, True, 1)
+    assert (r.gpu_memory_utilization, r.max_num_seqs) == (0.55, 512)
     assert (p.cluster.gpus_per_node, p.cluster.tasks_per_node) == (2, 2)
     assert p.train.data.train_path == "data/gsm8k/train.jsonl"
     assert p.cluster.signal_lead_s >= 300  # minutes for a 14B step + checkpoint, not submitit's 90 s
@@ -68,7 +68,7 @@ def test_h800x4_is_the_full_finetune_seed_recipe_and_inherits() -> None:
     assert (t.prompts_per_step, t.mini_batch_prompts, t.micro_batch_size, r.n) == (1024, 256, 16, 5)
     assert (r.tensor_parallel_size, r.gpu_memory_utilization) == (4, 0.5)
     assert p.cluster.gpus_per_node == 4 and p.train.checkpoint.every > 0
-    assert (t.param_offload, t.optimizer_offload) == (True, True)
+    assert (t.param_offload, t.optimizer_offload, p.train.model.share_base_weights, r.sleep_level) == (True, True, False, 2)
     assert p.train.data == base.train.data and p.cluster.env == base.cluster.env  # via extends
     assert p.description != base.description  # descriptions are not inherited
 
@@ -92,7 +92,7 @@ def test_overrides_use_dotted_keys_for_both_parts() -> None:
     ("cluster.launcher=k8s", "valid values: slurm, local"),
     ("cluster.template=nope", "valid values: grpo"),
     ("cluster.signal_lead_s=50000", "at most half of cluster.time_min"),
-    ("train.rollout.tensor_parallel_size=8", "exceeds"),
+    ("train.rollout.tensor_parallel_size=8", "each rank needs the whole base"),
     ("train.trainer.mini_batch_prompts=100", "does not divide"),
     ("cluster.sbatch.signal=USR1@60", "submitit sets --signal itself"),
     ("cluster.sbatch.output=x.log", "submitit sets --output itself"),
@@ -106,6 +106,11 @@ def test_overrides_use_dotted_keys_for_both_parts() -> None:
 def test_bad_overrides_are_one_line_errors(override: str, needle: str) -> None:
     message = _error("h100x2", [override])
     assert message.startswith("profile h100x2: ") and needle in message
+
+
+def test_tensor_parallel_beyond_the_node_is_rejected() -> None:
+    message = _error("h800x4", ["train.rollout.tensor_parallel_size=8"])
+    assert message.startswith("profile h800x4: ") and "exceeds" in message
 
 
 def test_tokenizers_parallelism_is_not_a_secret() -> None:
