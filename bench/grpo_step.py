@@ -39,9 +39,43 @@ def add_args(p) -> None:
     g.add_argument("--len-min", type=int, default=None, help="default 150; tiny 6")
     g.add_argument("--len-max", type=int, default=None, help="default 400; tiny 20 (also rollout.max_tokens)")
     g.add_argument("--mem-target", type=float, default=80.0, help="GiB the step should fit in (the issue: 80)")
+    g.add_argument("--grpo-variant", action="append", default=[], metavar="TAG:KEY=VALUE[,KEY=VALUE]",
+                   help="after the recipe's steps, the same trainer with these overrides (model.gradient_checkpointing, "
+                        "trainer.*, algorithm.*), recorded with _TAG appended to every metric (repeatable)")
 
 
 def run(ctx) -> None:
+    measure(ctx)
+    for variant in ctx.args.grpo_variant:
+        tag, _, overrides = variant.partition(":")
+        saved = (ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX)
+        try:
+            ctx.cfg = ctx.tr.cfg = _apply(ctx.cfg, [o for o in overrides.split(",") if o])
+            _set_checkpointing(ctx.tr.policy, ctx.cfg.model.gradient_checkpointing)
+            common.METRIC_SUFFIX = f"{saved[2]}_{tag}"
+            print(f"[bench] ---- grpo_step variant {tag}: {overrides}", flush=True)
+            measure(ctx)
+        finally:
+            ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX = saved
+            _set_checkpointing(ctx.tr.policy, ctx.cfg.model.gradient_checkpointing)
+
+
+def _apply(cfg, overrides):
+    from grpo_core import config
+
+    data = config.apply_overrides(config.TrainConfig, config.to_dict(cfg), overrides)
+    return config.validate(config.build(config.TrainConfig, data))
+
+
+def _set_checkpointing(policy, on: bool) -> None:
+    model = policy.model  # peft passes these through to the HF model
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def measure(ctx) -> None:
     import numpy as np
     import torch
 

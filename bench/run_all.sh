@@ -12,7 +12,7 @@
 #   BENCH_DATA        GSM8K train.jsonl for grpo_step (default ../shared/data/gsm8k/train.jsonl if present)
 #   VLLM_SITE         dir holding the vLLM bundle's packages, put on PYTHONPATH (default /tmp/site);
 #                     installed there first from /tmp/parts when missing (../shared/device/README.md)
-#   BENCH_ONLY        subset, space separated: "train_step planner_check suite"
+#   BENCH_ONLY        subset, space separated: "train_step train_step_nockpt planner_check suite gpu_checks"
 #   BENCH_DEADLINE_S  wall budget for the whole run (default 560; --tiny 1500); each process gets
 #                     what is left (train_step and planner_check at most 150 s each on the GPU)
 #   BENCH_SUITE_ARGS  extra args for bench.suite only (e.g. "--gpu-mem-util 0.3")
@@ -61,7 +61,9 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF-expandable_segments:Tru
 [ -z "${BENCH_GIT_SHA:-}" ] && BENCH_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown) && export BENCH_GIT_SHA
 
 if [ $TINY = 1 ]; then DEADLINE=${BENCH_DEADLINE_S:-1500}; CAP=600; else DEADLINE=${BENCH_DEADLINE_S:-560}; CAP=150; fi
-ONLY=${BENCH_ONLY:-"train_step planner_check suite"}
+ONLY=${BENCH_ONLY:-"train_step train_step_nockpt planner_check suite gpu_checks"}
+# The recipe's recomputation choice and the one the shared base leaves room for.
+NOCKPT="model.gradient_checkpointing=false"
 START=$(date +%s)
 say "results -> $RESULTS; python $PYTHON; deadline ${DEADLINE}s; only: $ONLY"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader >> "$LOG" 2>&1
@@ -83,9 +85,11 @@ run() {  # run NAME CAP_S MODULE ARGS...
 }
 
 run train_step "$CAP" bench.train_step "$@"
+run train_step_nockpt "$CAP" bench.train_step --tag _nockpt --micro 4 --set "$NOCKPT" "$@"
 run planner_check "$CAP" bench.planner_check "$@"
 # shellcheck disable=SC2086
-run suite 100000 bench.suite "$@" ${BENCH_SUITE_ARGS:-}
+run suite 100000 bench.suite --grpo-variant "nockpt:$NOCKPT,trainer.micro_batch_size=4" "$@" ${BENCH_SUITE_ARGS:-}
+run gpu_checks 100000 bench.gpu_checks "$@"
 
 "$PYTHON" -m bench.summary "$RESULTS" >> "$LOG" 2>&1 || say "summary failed"
 say "done in $(( $(date +%s) - START ))s; failed:${FAILED:- none}"

@@ -20,6 +20,9 @@ EXPECTED = (
     ["train_step_tokens_per_s", "train_step_mfu", "train_step_peak_gib"]
     + [f"planner_{name}" for name in planner_check.CONFIGS]
     + [m for m, _ in rollout.METRICS + sync.LORA_METRICS + sync.FULL_METRICS + grpo_step.METRICS]
+    + ["train_step_tokens_per_s_nockpt", "train_step_mfu_nockpt", "train_step_peak_gib_nockpt"]
+    + [f"{m}_nockpt" for m, _ in grpo_step.METRICS]  # the suite's variant without recomputation
+    + ["synccheck_lora_bf16_max_abs_diff", "synccheck_full_bf16_max_abs_diff", "sync_full_14b_s"]  # gpu_checks
 )
 
 
@@ -39,6 +42,8 @@ def test_run_all_tiny_writes_every_record(tmp_path):
         missing = [f for f in common.REQUIRED_FIELDS if f not in rec]
         assert not missing, f"{metric}: missing fields {missing}"
         assert rec["metric"] == metric
+        if metric.endswith("_nockpt") and "setting" in rec:
+            assert rec["setting"]["gradient_checkpointing"] is False, rec["setting"]
         assert "error" not in rec, f"{metric} failed: {rec['error']}"
         assert isinstance(rec["value"], (int, float)), f"{metric}: value {rec['value']!r}"
         assert rec["hardware"].startswith("cpu"), rec["hardware"]
