@@ -15,8 +15,11 @@ Assumptions the trainer must keep true (else recalibrate):
   reference copy); LoRA keeps the frozen base in model.dtype and the adapter
   in fp32; param_offload = CPUOffloadPolicy (state on host, CPU optimizer step).
 - One in-process vLLM engine per `tensor_parallel_size` GPUs, in model.dtype.
-- Log-probs are formed `logprob_chunk` positions at a time, recomputed in
-  backward (grpo_core.algorithm.token_logprobs); entropy over all logits.
+- Log-probs come from the LM head `head_chunk_tokens` tokens at a time
+  (grpo_core.algorithm.lm_head_logprobs: no [tokens, vocab] logits, each
+  chunk recomputed in backward, entropy from the same chunk). head_chunk_tokens=0
+  models the full-logits path (logits built, then log-softmax in
+  `logprob_chunk` positions), which the H200 calibration peaks were measured on.
 Trainer-side parts were fitted to peaks measured on an H200 (FSDP2 LoRA-14B
 and full-FT 1.5B/3B steps, tests/test_memory.py): within 1.5%. The vLLM,
 context, NCCL and fragmentation parts are not calibrated yet.
@@ -210,7 +213,8 @@ class Stage:
 @dataclass(frozen=True)
 class Knobs:
     """What the planner cannot read from TrainConfig."""
-    logprob_chunk: int = 256  # positions per log-prob chunk (token_logprobs' default); 0 = unchunked
+    head_chunk_tokens: int = 1024  # tokens per LM-head chunk (lm_head_logprobs' default); 0 = full logits
+    logprob_chunk: int = 256  # full logits only: positions per log-prob chunk (token_logprobs' default); 0 = unchunked
     offload_style: str = "fsdp2"  # fsdp2: offloaded state stays on host, CPU optimizer step; swap: verl-style moves
     vllm_in_process: bool = True  # False: the engine core is another process with its own CUDA context
     entropy_metric: bool = True  # grpo_core.train logs entropy every micro-batch, even with entropy_coef=0
@@ -377,6 +381,8 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     def compute(stage: str) -> list[Part]:
         if stage == "reference logprobs":
             logits = shape.vocab * (act * tokens + 8 * chunk_tokens)  # logits + a chunk's fp32 upcast/log-softmax
+            if k.head_chunk_tokens:  # one chunk's logits and their fp32 upcast/log-softmax
+                logits = shape.vocab * min(k.head_chunk_tokens, tokens) * (act + 8)
             layer = act_layer * tokens
             big = (("logits + fp32 log-softmax chunk", logits, f"layer forward {_gib(layer):.1f} GiB")
                    if logits >= layer else ("layer forward (1 layer)", layer, f"logits {_gib(logits):.1f} GiB"))
@@ -388,6 +394,9 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
                             if m.gradient_checkpointing else ("all layers", no_ckpt, f"{_gib(ckpt):.1f} GiB with checkpointing"))
             ent = ENTROPY_BYTES * tokens if cfg.algorithm.entropy_coef > 0 or k.entropy_metric else 0
             logits = shape.vocab * (2 * act * tokens + LOGITS_FP32_BYTES * chunk_tokens + ent)
+            if k.head_chunk_tokens:  # one recomputed chunk: logits, fp32 log-softmax and grads, entropy from it
+                logits = shape.vocab * min(k.head_chunk_tokens, tokens) * (
+                    2 * act + LOGITS_FP32_BYTES + (8 if ent else 0))
             layer = (act_layer * tokens if m.gradient_checkpointing else 0) + BACKWARD_WORKSPACE * act_layer * tokens
             layer += layer_grads
             big = (("logits + grad + fp32 chunk" + (" + entropy" if ent else ""), logits, f"layer backward {_gib(layer):.1f} GiB")

@@ -30,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus-per-node", type=int, default=0, help="for the host total per node (default: the profile's)")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU (H100 80; H200 ~140)")
     ap.add_argument("--host-mem-gib", type=float, default=0.0, help="host memory per node to check (default: the profile's cluster.mem; 0: report only)")
-    ap.add_argument("--logprob-chunk", type=int, default=256, help="positions per log-prob chunk; 0 = unchunked")
+    ap.add_argument("--head-chunk-tokens", type=int, default=1024,
+                    help="tokens per LM-head log-prob chunk (the trainer's); 0 = full logits then log-softmax")
+    ap.add_argument("--logprob-chunk", type=int, default=256,
+                    help="with --head-chunk-tokens 0: positions per log-softmax chunk; 0 = unchunked")
     ap.add_argument("--offload-style", choices=("fsdp2", "swap"), default="fsdp2",
                     help="fsdp2: offloaded state stays on host (CPU optimizer step); swap: moved in for its phase")
     ap.add_argument("--no-entropy-metric", action="store_true",
@@ -86,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if gpus < 1:
             raise ConfigError("how many GPUs? pass --gpus N (or a profile with cluster.gpus_per_node)")
         shape, name = memory.shape_for_model(cfg.model), memory.shape_name(cfg.model.path)
-        knobs = memory.Knobs(logprob_chunk=args.logprob_chunk, offload_style=args.offload_style,
+        knobs = memory.Knobs(head_chunk_tokens=args.head_chunk_tokens, logprob_chunk=args.logprob_chunk, offload_style=args.offload_style,
                              vllm_in_process=not args.vllm_process, entropy_metric=not args.no_entropy_metric,
                              gpus_per_node=per_node,
                              host_mem_gib=host_gib)
