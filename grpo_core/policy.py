@@ -8,7 +8,6 @@ fine-tuning it is a frozen, equally sharded copy.
 from __future__ import annotations
 
 import copy
-import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
@@ -223,17 +222,82 @@ class Policy:
             full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
             yield name, full.detach().to(dtype)
 
-    def save_lora_adapter(self, directory: Path, state: dict[str, Tensor] | None = None) -> None:
-        """Write the adapter in peft's on-disk format (what vLLM loads)."""
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
+    # ------------------------------------------------------------ the adapter, for the engine
+    def _adapter_layout(self) -> list[tuple[str, str, float]]:
+        """(name in peft's file, parameter name, factor) per adapter tensor, in
+        parameter order (the same on every rank); built once. The factor folds
+        peft's scaling (lora_alpha/r) into lora_B, so vLLM need not rescale."""
+        layout = getattr(self, "_adapter_layout_cache", None)
+        if layout is None:
+            from peft import get_peft_model_state_dict
 
-        state = state if state is not None else self.trainable_state_dict()
-        if self.info.rank != 0:
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        adapter = get_peft_model_state_dict(self.model, state_dict=state)
-        save_file({k: v.contiguous() for k, v in adapter.items()}, str(directory / "adapter_model.safetensors"))
-        config = self.model.peft_config["default"].to_dict()
-        config["target_modules"] = sorted(config["target_modules"]) if isinstance(config["target_modules"], (set, list)) else config["target_modules"]
-        (directory / "adapter_config.json").write_text(json.dumps(config, indent=1, default=str))
+            params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            owner = {id(p): n for n, p in params.items()}
+            # peft's own naming, once: its default save_embedding_layers="auto"
+            # re-reads the base model's config (or asks the Hub) at every call.
+            named = get_peft_model_state_dict(self.model, state_dict=params, save_embedding_layers=False)
+            config = self.model.peft_config["default"]
+            # Plain per-module A/B pairs only; anything else keeps vLLM's own scaling.
+            fold = not (config.rank_pattern or config.alpha_pattern) and all(
+                ".lora_A." in n or ".lora_B." in n for n in params)
+            modules = dict(self.model.named_modules())
+            layout = []
+            for file_name, param in named.items():
+                name = owner[id(param)]
+                factor = float(modules[name.split(".lora_B.")[0]].scaling["default"]) if fold and ".lora_B." in name else 1.0
+                layout.append((file_name, name, factor))
+            self._adapter_layout_cache = layout
+            self._adapter_scaling_folded = fold
+        return layout
+
+    def adapter_for_engine(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The full adapter under peft's names, in `dtype`, lora_B scaled (see
+        _adapter_layout), on the CPU: views of one host buffer (pinned on CUDA)
+        that the next call overwrites. Each tensor is cast where it lives (on
+        the GPU: half the bytes to copy) and copied to the host once; over
+        several ranks it is all-gathered on the device first, already cast, and
+        every rank gets the whole adapter. Collective when world_size > 1."""
+        from torch.distributed.tensor import DTensor
+
+        layout = self._adapter_layout()
+        params = dict(self.model.named_parameters())
+        total = sum(params[name].numel() for _, name, _ in layout)
+        on_cuda = self.info.device.type == "cuda"
+        host = getattr(self, "_adapter_host", None)
+        if host is None or host.numel() != total or host.dtype != dtype:
+            host = self._adapter_host = None  # free the old buffer first
+            host = self._adapter_host = torch.empty(total, dtype=dtype, pin_memory=on_cuda)
+        out: dict[str, Tensor] = {}
+        offset = 0
+        with torch.no_grad():
+            for file_name, name, factor in layout:
+                param = params[name]
+                local = (param.to_local() if isinstance(param, DTensor) else param).detach()
+                if factor != 1.0:
+                    local = local * factor
+                if isinstance(param, DTensor) and param.device_mesh.size() > 1:
+                    local = local.to(self.info.device, dtype)
+                    full = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                              shape=param.shape, stride=param.stride()).full_tensor()
+                elif local.device.type != "cpu":
+                    full = local.to(dtype)
+                else:
+                    full = local  # copy_ casts on the way
+                view = host[offset : offset + full.numel()].view(full.shape)
+                view.copy_(full, non_blocking=True)
+                out[file_name] = view
+                offset += full.numel()
+        if on_cuda:
+            torch.cuda.current_stream(self.info.device).synchronize()  # the non-blocking copies have landed
+        return out
+
+    def save_lora_adapter(self, directory: Path, dtype: torch.dtype | None = None) -> None:
+        """Write the adapter as vLLM loads it (peft's format; see grpo_core.adapter),
+        in `dtype` (default: the engine's, model.dtype). Every rank writes its
+        own directory, for its own engine (collective when world_size > 1).
+        Checkpoints keep the fp32 master weights (trainable_state_dict)."""
+        from .adapter import engine_config, write_adapter
+
+        tensors = self.adapter_for_engine(dtype or DTYPES[self.cfg.dtype])
+        config = engine_config(self.model.peft_config["default"].to_dict(), self._adapter_scaling_folded)
+        write_adapter(directory, tensors, config)

@@ -131,7 +131,9 @@ def sync_weights(policy, engine, adapter_dir: Path) -> float:
     if policy.is_lora:
         if engine.discards_weights:  # sleep level 2 dropped the base weights too
             engine.load_full_weights(policy.iter_full_weights(dtype))
-        policy.save_lora_adapter(adapter_dir)
+        # In the engine's dtype, cast on the device, one copy to the host (every
+        # rank: each has its own engine); vLLM loads it at the next request.
+        policy.save_lora_adapter(adapter_dir, dtype)
         engine.load_lora(adapter_dir)
     else:
         engine.load_full_weights(policy.iter_full_weights(dtype))
