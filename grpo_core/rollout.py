@@ -162,6 +162,7 @@ class RolloutEngine:
         whose dummy weights never emit EOS."""
         from vllm import SamplingParams
 
+        self.wake_up()  # validation and checks may come while the update's sleep holds
         limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
         params = [
             SamplingParams(
@@ -184,6 +185,7 @@ class RolloutEngine:
         """The engine's log-probs of `response` after `prompt` (the sync check)."""
         from vllm import SamplingParams
 
+        self.wake_up()
         ids = list(prompt) + list(response)
         out = self.llm.generate(
             [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
