@@ -1,4 +1,5 @@
-"""Pure tensor math for GRPO: advantages, clipped policy loss, KL, entropy.
+"""Pure tensor math for GRPO: advantages, clipped policy loss, KL, entropy,
+and token log-probs straight from the LM head's input (lm_head_logprobs).
 
 Only torch: no torch.distributed and no config objects, so every function
 is testable with small hand-computed tensors and reusable by any trainer.
@@ -7,6 +8,7 @@ Masks are 1 for response tokens that count and 0 for prompt/padding.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -16,6 +18,7 @@ __all__ = [
     "entropy_from_logits",
     "group_advantages",
     "kl_penalty",
+    "lm_head_logprobs",
     "masked_mean",
     "masked_sum",
     "policy_loss",
@@ -142,7 +145,10 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     Through log_softmax (stable for large logits); tokens with -inf logits
     have p = 0 and contribute 0 rather than 0 * -inf = nan.
     """
-    logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    return _entropy_from_logp(torch.log_softmax(logits.to(torch.float32), dim=-1))
+
+
+def _entropy_from_logp(logp: Tensor) -> Tensor:
     p = logp.exp()
     plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
     return -plogp.sum(dim=-1)
@@ -173,3 +179,67 @@ def token_logprobs(logits: Tensor, targets: Tensor, *, chunk: int = 256) -> Tens
     if not pieces:
         return logits.new_zeros(targets.shape, dtype=torch.float32)
     return torch.cat(pieces, dim=1)
+
+
+def _head_chunk(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float, with_entropy: bool
+) -> Tensor | tuple[Tensor, Tensor]:
+    logits = F.linear(hidden, weight, bias)  # the matmul in the compute dtype, the softmax in >= fp32
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        # In place: one [chunk, V] temporary fewer (neither linear's nor the
+        # cast's backward reads its output).
+        logits = logits.div_(temperature)
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (picked, _entropy_from_logp(logp)) if with_entropy else picked
+
+
+def lm_head_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Token log-probs (and entropy) under softmax((hidden @ weight.T + bias) / temperature),
+    without ever forming the logits of all positions.
+
+    hidden [..., H], weight [V, H], bias [V] or None, targets [...] (the same
+    leading shape). Returns (logprobs, entropy), both [...] float32 (float64
+    for float64 inputs); entropy is None unless with_entropy. Only the logits
+    of `chunk` tokens exist at a time (matmul in hidden's dtype, softmax in
+    float32); under autograd each chunk is checkpointed, so backward
+    recomputes its logits instead of keeping [tokens, V] of them. Callers
+    wanting entropy only as a metric detach it.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} do not line up")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} is not [vocab, {hidden.shape[-1]}]")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # Cast once here, not per chunk: a mismatched weight's copy is [V, H].
+    weight = weight.to(hidden.dtype)
+    bias = bias.to(hidden.dtype) if bias is not None else None
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1).long()
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    logps, ents = [], []
+    for start in range(0, h.shape[0], chunk):
+        args = (h[start : start + chunk], weight, bias, t[start : start + chunk], temperature, with_entropy)
+        # The chunk is a pure function of its inputs (no RNG), so no RNG state to keep.
+        out = checkpoint(_head_chunk, *args, use_reentrant=False, preserve_rng_state=False) if grad else _head_chunk(*args)
+        logp, ent = out if with_entropy else (out, None)
+        logps.append(logp)
+        ents.append(ent)
+    if not logps:
+        empty = hidden.new_zeros(targets.shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return empty, (empty.clone() if with_entropy else None)
+    logprobs = torch.cat(logps).view(targets.shape)
+    return logprobs, (torch.cat(ents).view(targets.shape) if with_entropy else None)

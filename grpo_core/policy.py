@@ -23,8 +23,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
-from .algorithm import entropy_from_logits, token_logprobs
+from .algorithm import entropy_from_logits, lm_head_logprobs, token_logprobs
 from .config import ModelConfig, TrainerConfig
 from .distributed import DistInfo
 
@@ -75,6 +76,48 @@ def _model_on_shared_base(
     if missing:
         raise ValueError(f"no shared tensor for {len(missing)} parameters, e.g. {missing[0]}")
     return model.to(device)  # the buffers; the shared parameters are there already
+
+
+def _final_hidden(module: nn.Module, hf: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The decoder's final (normed) hidden states, [B, T, H].
+
+    Taken through the root module's own forward, so FSDP2's root hooks run as
+    always: they all-gather the root-level parameters (embeddings, final norm,
+    lm_head; the root keeps them unsharded until its post-backward) and
+    reduce-scatter their grads after backward. logits_to_keep=[] hands the
+    head zero positions, so no logits form; a hook catches the decoder output.
+    """
+    caught: list[Tensor] = []
+
+    def catch(_mod: nn.Module, _args: tuple, out) -> None:
+        caught.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    handle = hf.get_decoder().register_forward_hook(catch)
+    try:
+        no_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=no_positions)
+    finally:
+        handle.remove()
+    if len(caught) != 1:
+        raise RuntimeError(f"expected one decoder forward, saw {len(caught)}")
+    return caught[0]
+
+
+def _logprobs_from_logits(
+    logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool, entropy_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The full-logits path, for heads lm_head_logprobs cannot take apart."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = token_logprobs(logits, targets)
+    entropy = None
+    if with_entropy and entropy_grad:
+        entropy = entropy_from_logits(logits)
+    elif with_entropy:
+        # A metric only: chunked so no [B, T, vocab] fp32 temporary exists.
+        with torch.no_grad():
+            entropy = torch.cat([entropy_from_logits(c) for c in logits.detach().split(ENTROPY_CHUNK, dim=1)], dim=1)
+    return logprobs, entropy
 
 
 class Policy:
@@ -164,28 +207,37 @@ class Policy:
         self, input_ids: Tensor, attention_mask: Tensor, temperature: float, *, reference: bool = False,
         with_entropy: bool = False, entropy_grad: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """Log-probs of input_ids[:, 1:] under the policy, shape [B, T-1] (fp32)."""
+        """Log-probs of input_ids[:, 1:] under the policy, shape [B, T-1] (fp32),
+        and their entropy if asked (differentiable only with entropy_grad).
+
+        The LM head is applied a chunk of tokens at a time to the final hidden
+        states (algorithm.lm_head_logprobs), so the [B, T, vocab] logits and
+        their gradient never exist.
+        """
         if reference and self.is_lora:
             ctx = self.model.disable_adapter()
             module = self.model
         else:
             ctx = nullcontext()
             module = self.reference if reference else self.model
+        hf = module.get_base_model() if hasattr(module, "get_base_model") else module
+        head = hf.get_output_embeddings()
+        targets = input_ids[:, 1:]
+        if type(head) is not nn.Linear:
+            # e.g. peft-wrapped (lm_head in the LoRA targets) or its own FSDP
+            # unit: only its forward knows its effective weight.
+            with ctx:
+                logits = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return _logprobs_from_logits(logits[:, :-1], targets, temperature, with_entropy, entropy_grad)
         with ctx:
-            logits = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logits = logits[:, :-1]
-        if temperature != 1.0:
-            logits = logits / temperature
-        logprobs = token_logprobs(logits, input_ids[:, 1:])
-        entropy = None
-        if with_entropy and entropy_grad:
-            entropy = entropy_from_logits(logits)
-        elif with_entropy:
-            # A metric only: chunked so no [B, T, vocab] fp32 temporary exists.
-            with torch.no_grad():
-                entropy = torch.cat(
-                    [entropy_from_logits(c) for c in logits.detach().split(ENTROPY_CHUNK, dim=1)], dim=1
-                )
+            hidden = _final_hidden(module, hf, input_ids, attention_mask)
+        if isinstance(head.weight, DTensor):
+            raise RuntimeError("lm_head is still sharded after the root forward (the FSDP2 root must not reshard after forward)")
+        logprobs, entropy = lm_head_logprobs(
+            hidden[:, :-1], head.weight, head.bias, targets, temperature=temperature, with_entropy=with_entropy
+        )
+        if entropy is not None and not entropy_grad:
+            entropy = entropy.detach()
         return logprobs, entropy
 
     def clip_grad_norm(self, max_norm: float) -> float:

@@ -12,6 +12,7 @@ from grpo_core.algorithm import (
     entropy_from_logits,
     group_advantages,
     kl_penalty,
+    lm_head_logprobs,
     masked_mean,
     masked_sum,
     policy_loss,
@@ -184,3 +185,117 @@ def test_token_logprobs_chunking_matches_full(chunk: int) -> None:
     # bf16 logits come back as float32 log-probs (math in float32)
     with torch.no_grad():
         assert token_logprobs(logits.to(torch.bfloat16), targets, chunk=chunk).dtype == torch.float32
+
+
+# ---------------------------------------------------------------- log-probs from the LM head's input
+
+# A head whose logits are the hidden state's two numbers and a 0: W = [[1, 0], [0, 1], [0, 0]].
+W = t([[1, 0], [0, 1], [0, 0]])
+
+
+def test_lm_head_logprobs_by_hand_with_gradient() -> None:
+    # pos 0: hidden [0, ln3] -> logits [0, ln3, 0] -> p = [1/5, 3/5, 1/5], target 1 -> ln(3/5)
+    # pos 1: hidden [ln2, ln2] -> logits [ln2, ln2, 0] -> p = [2/5, 2/5, 1/5], target 2 -> ln(1/5)
+    hidden = t([[[0, LN3], [LN2, LN2]]]).requires_grad_(True)
+    targets = torch.tensor([[1, 2]])
+    lp, ent = lm_head_logprobs(hidden, W, None, targets, chunk=1, with_entropy=True)
+    assert_close(lp, t([[math.log(0.6), math.log(0.2)]]))
+    h0 = -(2 * 0.2 * math.log(0.2) + 0.6 * math.log(0.6))
+    h1 = -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2))
+    assert_close(ent, t([[h0, h1]]))
+    (g,) = torch.autograd.grad(lp.sum(), hidden)
+    # d log p_y / d hidden = W^T (onehot(y) - p): pos 0 [-1/5, 2/5, -1/5] -> [-1/5, 2/5];
+    # pos 1 [-2/5, -2/5, 4/5] -> [-2/5, -2/5] (row 3 of W is zero)
+    assert_close(g, t([[[-0.2, 0.4], [-0.4, -0.4]]]))
+
+
+def test_lm_head_logprobs_temperature_and_bias_by_hand() -> None:
+    # hidden [0, 2 ln3], bias [0, 0, ln2], temperature 2:
+    # logits [0, 2 ln3, ln2] / 2 = [0, ln3, ln2/2] -> p proportional to [1, 3, sqrt 2]
+    bias = t([0, 0, LN2])
+    z = 4 + math.sqrt(2)
+    lp, ent = lm_head_logprobs(t([[0, 2 * LN3]]), W, bias, torch.tensor([0]), temperature=2.0)
+    assert ent is None
+    assert_close(lp, t([math.log(1 / z)]))
+    lp, _ = lm_head_logprobs(t([[0, 2 * LN3]]), W, bias, torch.tensor([2]), temperature=2.0)
+    assert_close(lp, t([math.log(math.sqrt(2) / z)]))
+
+
+def _unchunked(hidden, weight, bias, targets, temperature):
+    logits = (hidden @ weight.T + bias) / temperature
+    logp = torch.log_softmax(logits, -1)
+    return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 14, 1000])  # 14 tokens: 3 and 4 do not divide it
+def test_lm_head_logprobs_matches_unchunked_values_and_grads(chunk: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    hidden = torch.randn(2, 7, 5, generator=gen, **f64).requires_grad_(True)
+    weight = torch.randn(11, 5, generator=gen, **f64).requires_grad_(True)
+    bias = torch.randn(11, generator=gen, **f64).requires_grad_(True)
+    targets = torch.randint(0, 11, (2, 7), generator=gen)
+    c_lp, c_ent = torch.randn(2, 7, generator=gen, **f64), torch.randn(2, 7, generator=gen, **f64)
+    inputs = (hidden, weight, bias)
+
+    lp_ref, ent_ref = _unchunked(hidden, weight, bias, targets, 0.7)
+    g_ref = torch.autograd.grad((c_lp * lp_ref + c_ent * ent_ref).sum(), inputs)
+    lp, ent = lm_head_logprobs(hidden, weight, bias, targets, temperature=0.7, chunk=chunk, with_entropy=True)
+    assert lp.dtype == ent.dtype == torch.float64
+    assert_close(lp, lp_ref, rtol=1e-12, atol=1e-12)
+    assert_close(ent, ent_ref, rtol=1e-12, atol=1e-12)
+    g = torch.autograd.grad((c_lp * lp + c_ent * ent).sum(), inputs)
+    for got, want in zip(g, g_ref):
+        assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    # float32 in, float32 out, to float32 rounding
+    inputs32 = [x.detach().float().requires_grad_(True) for x in inputs]
+    lp32, _ = lm_head_logprobs(*inputs32[:2], inputs32[2], targets, temperature=0.7, chunk=chunk)
+    assert lp32.dtype == torch.float32
+    assert_close(lp32, lp_ref.float(), rtol=1e-5, atol=1e-5)
+    g32 = torch.autograd.grad((c_lp.float() * lp32).sum(), inputs32)
+    g_ref_lp = torch.autograd.grad((c_lp * _unchunked(*inputs, targets, 0.7)[0]).sum(), inputs)
+    for got, want in zip(g32, g_ref_lp):
+        assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_lm_head_logprobs_keeps_no_logits_for_backward() -> None:
+    # Every chunk is checkpointed: nothing of shape [tokens, vocab] is saved
+    # for backward (an unchunked log_softmax would save its [14, 11] output).
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 7, 5, generator=gen).requires_grad_(True)
+    weight = torch.randn(11, 5, generator=gen)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(x):
+        saved.append(tuple(x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        lp, ent = lm_head_logprobs(hidden, weight, None, torch.zeros(2, 7, dtype=torch.long), chunk=3, with_entropy=True)
+    assert not [s for s in saved if len(s) >= 2 and s[-1] == 11], saved
+    (lp.sum() + ent.sum()).backward()
+    assert hidden.grad is not None and hidden.grad.shape == hidden.shape
+
+
+def test_lm_head_logprobs_no_grad_bf16_and_bad_shapes() -> None:
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(3, 4, 8, generator=gen), torch.randn(13, 8, generator=gen)
+    targets = torch.randint(0, 13, (3, 4), generator=gen)
+    with torch.no_grad():
+        lp, ent = lm_head_logprobs(hidden, weight, None, targets, chunk=5, with_entropy=True)
+        lp16, ent16 = lm_head_logprobs(hidden.bfloat16(), weight.bfloat16(), None, targets, chunk=5, with_entropy=True)
+    assert not lp.requires_grad and lp.shape == ent.shape == (3, 4)
+    # bf16 matmul, float32 softmax: float32 results within bf16 rounding of the logits
+    assert lp16.dtype == ent16.dtype == torch.float32
+    assert_close(lp16, lp, rtol=0.05, atol=0.1)
+    assert_close(ent16, ent, rtol=0.05, atol=0.1)
+    # empty sequences give empty results
+    empty, _ = lm_head_logprobs(hidden[:, :0], weight, None, targets[:, :0])
+    assert empty.shape == (3, 0)
+    with pytest.raises(ValueError, match="line up"):
+        lm_head_logprobs(hidden, weight, None, targets[:, :3])
+    with pytest.raises(ValueError, match="vocab"):
+        lm_head_logprobs(hidden, weight[:, :7], None, targets)
+    with pytest.raises(ValueError, match="chunk"):
+        lm_head_logprobs(hidden, weight, None, targets, chunk=0)
