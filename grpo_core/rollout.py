@@ -268,4 +268,3 @@ class RolloutEngine:
             else:
                 self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
             self._asleep = self._weights_awake = False
-        self._weights_shared = False  # set once the trainer holds views of the engine's weights
