@@ -97,6 +97,7 @@ def compare(engine_lp, trainer_lp, before_lp) -> dict:
 def one_token(eng, prompt, lora_request):
     from vllm import SamplingParams
 
+    eng.wake_up()  # straight to vLLM below: a sleeping engine (KV cache released) must wake first
     with common.Timer() as t:
         eng.llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, temperature=1.0), use_tqdm=False,
                          lora_request=lora_request)
