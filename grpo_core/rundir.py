@@ -1,8 +1,11 @@
-"""The run directory's small files: status.json and metrics.jsonl."""
+"""The run directory's small files (status.json, metrics.jsonl) and the
+run's provenance (code version, where it ran)."""
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,3 +57,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_tags(run_dir: Path, restarts: int) -> dict[str, str]:
+    """Facts that can change between restarts of one run: tags, not params."""
+    run_info = read_json(run_dir / "run.json") or {}
+    env = os.environ.get
+    return {
+        "profile": str(run_info.get("profile", "")), "slurm_restart_count": str(restarts),
+        "slurm_job_id": env("SLURM_JOB_ID", ""), "cluster": env("SLURM_CLUSTER_NAME", "local"),
+        "nodelist": env("SLURM_JOB_NODELIST", socket.gethostname()),
+    }

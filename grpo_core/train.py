@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,16 +58,20 @@ def forward_backward(policy, mb: RolloutBatch, cfg: TrainConfig, loss_scale: flo
         mb.input_ids, mb.attention_mask, cfg.rollout.temperature, with_entropy=True, entropy_grad=a.entropy_coef != 0
     )
     old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+    # Dr.GRPO's divisor is a constant (the longest response allowed), not the
+    # micro-batch's padded width, which depends on how rows were grouped.
+    norm = cfg.rollout.max_tokens
     loss, stats = algorithm.policy_loss(
         logprobs, old, a.advantage_sign * mb.advantages, mb.response_mask,
-        clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg,
+        clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg, norm_length=norm,
     )
     out = {"policy_loss": float(loss.detach()), "clip_fraction": float(stats["clip_fraction"])}
     if mb.ref_logprobs is not None:
-        kl = algorithm.aggregate_loss(algorithm.kl_penalty(logprobs, mb.ref_logprobs, a.kl_estimator), mb.response_mask, a.loss_agg)
+        kl_tokens = algorithm.kl_penalty(logprobs, mb.ref_logprobs, a.kl_estimator)
+        kl = algorithm.aggregate_loss(kl_tokens, mb.response_mask, a.loss_agg, norm_length=norm)
         loss = loss + a.kl_coef * kl
         out["kl"] = float(kl.detach())
-    ent = algorithm.aggregate_loss(entropy, mb.response_mask, a.loss_agg)
+    ent = algorithm.aggregate_loss(entropy, mb.response_mask, a.loss_agg, norm_length=norm)
     out["entropy"] = float(ent.detach())
     if a.entropy_coef:
         loss = loss - a.entropy_coef * ent
@@ -83,11 +86,19 @@ def micro_weights(batch: RolloutBatch, rows: list[int], loss_agg: str) -> float:
     return float(len(rows))
 
 
+def by_length(batch: RolloutBatch, rows: list[int]) -> list[int]:
+    """Rows longest first: micro-batches of like lengths carry little padding
+    (each is trimmed to its own longest row), and the first is the largest."""
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    return sorted(rows, key=lambda r: (-lengths[r], r))
+
+
 @torch.no_grad()
 def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float, *, reference: bool) -> torch.Tensor:
     out = torch.zeros_like(batch.response_mask)
+    order = by_length(batch, list(range(len(batch))))
     for start in range(0, len(batch), micro):
-        rows = list(range(start, min(start + micro, len(batch))))
+        rows = order[start : start + micro]
         mb = batch.select(rows).to(policy.info.device)
         lp, _ = policy.forward_logprobs(mb.input_ids, mb.attention_mask, temperature, reference=reference)
         out[rows, : lp.shape[1]] = lp.float().cpu()
@@ -107,7 +118,7 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
     stats: dict[str, list[float]] = {}
     for _epoch in range(t.ppo_epochs):
         for mini_start in range(0, len(batch), rows_per_mini):
-            mini_rows = list(range(mini_start, mini_start + rows_per_mini))
+            mini_rows = by_length(batch, list(range(mini_start, mini_start + rows_per_mini)))
             denominator = distributed.all_sum(micro_weights(batch, mini_rows, cfg.algorithm.loss_agg))
             optimizer.zero_grad(set_to_none=True)
             for start in range(0, len(mini_rows), t.micro_batch_size):
@@ -145,25 +156,6 @@ def validate(engine, task, cfg: TrainConfig) -> float:
     samples = engine.greedy(prompts, cfg.rollout.val_max_tokens)
     answers = task.test_answers[: len(prompts)]
     return float(np.mean([gsm8k_score(s.text, a, mode=cfg.algorithm.reward_mode) == 1.0 for s, a in zip(samples, answers)]))
-
-
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def provenance_tags(run_dir: Path, restarts: int) -> dict[str, str]:
-    """Facts that can change between restarts of one run: tags, not params."""
-    run_info = rundir.read_json(run_dir / "run.json") or {}
-    env = os.environ.get
-    return {
-        "profile": str(run_info.get("profile", "")), "slurm_restart_count": str(restarts),
-        "slurm_job_id": env("SLURM_JOB_ID", ""), "cluster": env("SLURM_CLUSTER_NAME", "local"),
-        "nodelist": env("SLURM_JOB_NODELIST", socket.gethostname()),
-    }
 
 
 def _seed_everything(seed: int) -> None:
@@ -335,9 +327,9 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
     tracker = Tracker(
         cfg.tracking, run_dir, active=info.is_main, run_id=tr.state.mlflow_run_id,
         params=config.flatten(config.to_dict(cfg)),
-        tags={"git_sha": _git_sha(), "host": socket.gethostname(), "run_dir": str(run_dir)},
+        tags={"git_sha": rundir.git_sha(), "host": socket.gethostname(), "run_dir": str(run_dir)},
     )
-    tracker.set_tags(provenance_tags(run_dir, restarts))
+    tracker.set_tags(rundir.provenance_tags(run_dir, restarts))
     for name in ("profile.yaml", "train.yaml", "job.sbatch", "job.sh"):
         if info.is_main and (run_dir / name).is_file():
             tracker.log_artifact(run_dir / name, "run")

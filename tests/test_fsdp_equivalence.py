@@ -106,4 +106,7 @@ def test_world_two_matches_world_one(runs, mode):
             # Its true gradient is exactly zero (softmax ignores a per-query
             # constant), so Adam turns rounding noise into lr-sized steps.
             continue
-        torch.testing.assert_close(two["state"][name], w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        # Micro-batches are cut from length-sorted rows, which group differently
+        # on 1 and 2 ranks: sums round differently and Adam's normalisation
+        # lifts that to ~1e-5 here, against steps of lr = 1e-2.
+        torch.testing.assert_close(two["state"][name], w, rtol=1e-4, atol=3e-5, msg=lambda m, n=name: f"{n}: {m}")
