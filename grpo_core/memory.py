@@ -380,9 +380,10 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
 
     def compute(stage: str) -> list[Part]:
         if stage == "reference logprobs":
-            logits = shape.vocab * (act * tokens + 8 * chunk_tokens)  # logits + a chunk's fp32 upcast/log-softmax
             if k.head_chunk_tokens:  # one chunk's logits and their fp32 upcast/log-softmax
                 logits = shape.vocab * min(k.head_chunk_tokens, tokens) * (act + 8)
+            else:  # all logits + a chunk's fp32 upcast/log-softmax
+                logits = shape.vocab * (act * tokens + 8 * chunk_tokens)
             layer = act_layer * tokens
             big = (("logits + fp32 log-softmax chunk", logits, f"layer forward {_gib(layer):.1f} GiB")
                    if logits >= layer else ("layer forward (1 layer)", layer, f"logits {_gib(logits):.1f} GiB"))
@@ -393,10 +394,11 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
             what, a, alt = (("checkpointed layer inputs", ckpt, f"{_gib(no_ckpt):.1f} GiB without checkpointing")
                             if m.gradient_checkpointing else ("all layers", no_ckpt, f"{_gib(ckpt):.1f} GiB with checkpointing"))
             ent = ENTROPY_BYTES * tokens if cfg.algorithm.entropy_coef > 0 or k.entropy_metric else 0
-            logits = shape.vocab * (2 * act * tokens + LOGITS_FP32_BYTES * chunk_tokens + ent)
             if k.head_chunk_tokens:  # one recomputed chunk: logits, fp32 log-softmax and grads, entropy from it
                 logits = shape.vocab * min(k.head_chunk_tokens, tokens) * (
                     2 * act + LOGITS_FP32_BYTES + (8 if ent else 0))
+            else:
+                logits = shape.vocab * (2 * act * tokens + LOGITS_FP32_BYTES * chunk_tokens + ent)
             layer = (act_layer * tokens if m.gradient_checkpointing else 0) + BACKWARD_WORKSPACE * act_layer * tokens
             layer += layer_grads
             big = (("logits + grad + fp32 chunk" + (" + entropy" if ent else ""), logits, f"layer backward {_gib(layer):.1f} GiB")

@@ -8,6 +8,7 @@ fine-tuning it is a frozen, equally sharded copy.
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
@@ -275,43 +276,39 @@ class Policy:
             yield name, full.detach().to(dtype)
 
     # ------------------------------------------------------------ the adapter, for the engine
-    def _adapter_layout(self) -> list[tuple[str, str, float]]:
+    @functools.cached_property
+    def _adapter_plan(self) -> tuple[list[tuple[str, str, float]], bool]:
         """(name in peft's file, parameter name, factor) per adapter tensor, in
-        parameter order (the same on every rank); built once. The factor folds
-        peft's scaling (lora_alpha/r) into lora_B, so vLLM need not rescale."""
-        layout = getattr(self, "_adapter_layout_cache", None)
-        if layout is None:
-            from peft import get_peft_model_state_dict
+        parameter order (the same on every rank), and whether peft's scaling
+        (lora_alpha/r) is folded into lora_B (the factor), so vLLM need not
+        rescale."""
+        from peft import get_peft_model_state_dict
 
-            params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            owner = {id(p): n for n, p in params.items()}
-            # peft's own naming, once: its default save_embedding_layers="auto"
-            # re-reads the base model's config (or asks the Hub) at every call.
-            named = get_peft_model_state_dict(self.model, state_dict=params, save_embedding_layers=False)
-            config = self.model.peft_config["default"]
-            # Plain per-module A/B pairs only; anything else keeps vLLM's own scaling.
-            fold = not (config.rank_pattern or config.alpha_pattern) and all(
-                ".lora_A." in n or ".lora_B." in n for n in params)
-            modules = dict(self.model.named_modules())
-            layout = []
-            for file_name, param in named.items():
-                name = owner[id(param)]
-                factor = float(modules[name.split(".lora_B.")[0]].scaling["default"]) if fold and ".lora_B." in name else 1.0
-                layout.append((file_name, name, factor))
-            self._adapter_layout_cache = layout
-            self._adapter_scaling_folded = fold
-        return layout
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        owner = {id(p): n for n, p in params.items()}
+        # peft's own naming, once: its default save_embedding_layers="auto"
+        # re-reads the base model's config (or asks the Hub) at every call.
+        named = get_peft_model_state_dict(self.model, state_dict=params, save_embedding_layers=False)
+        config = self.model.peft_config["default"]
+        # Plain per-module A/B pairs only; anything else keeps vLLM's own scaling.
+        fold = not (config.rank_pattern or config.alpha_pattern) and all(
+            ".lora_A." in n or ".lora_B." in n for n in params)
+        modules = dict(self.model.named_modules())
+        layout = []
+        for file_name, param in named.items():
+            name = owner[id(param)]
+            factor = float(modules[name.split(".lora_B.")[0]].scaling["default"]) if fold and ".lora_B." in name else 1.0
+            layout.append((file_name, name, factor))
+        return layout, fold
 
     def adapter_for_engine(self, dtype: torch.dtype) -> dict[str, Tensor]:
         """The full adapter under peft's names, in `dtype`, lora_B scaled (see
-        _adapter_layout), on the CPU: views of one host buffer (pinned on CUDA)
+        _adapter_plan), on the CPU: views of one host buffer (pinned on CUDA)
         that the next call overwrites. Each tensor is cast where it lives (on
         the GPU: half the bytes to copy) and copied to the host once; over
         several ranks it is all-gathered on the device first, already cast, and
         every rank gets the whole adapter. Collective when world_size > 1."""
-        from torch.distributed.tensor import DTensor
-
-        layout = self._adapter_layout()
+        layout, _ = self._adapter_plan
         params = dict(self.model.named_parameters())
         total = sum(params[name].numel() for _, name, _ in layout)
         on_cuda = self.info.device.type == "cuda"
@@ -351,5 +348,5 @@ class Policy:
         from .adapter import engine_config, write_adapter
 
         tensors = self.adapter_for_engine(dtype or DTYPES[self.cfg.dtype])
-        config = engine_config(self.model.peft_config["default"].to_dict(), self._adapter_scaling_folded)
+        config = engine_config(self.model.peft_config["default"].to_dict(), self._adapter_plan[1])
         write_adapter(directory, tensors, config)
