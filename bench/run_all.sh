@@ -16,6 +16,7 @@
 #   BENCH_DEADLINE_S  wall budget for the whole run (default 560; --tiny 1500); each process gets
 #                     what is left (train_step and planner_check at most 150 s each on the GPU)
 #   BENCH_SUITE_ARGS  extra args for bench.suite only (e.g. "--gpu-mem-util 0.3")
+#   BENCH_CHECKS_ARGS extra args for bench.gpu_checks only (e.g. "--checks lora_shared")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -89,7 +90,8 @@ run train_step_nockpt "$CAP" bench.train_step --tag _nockpt --micro 4 --set "$NO
 run planner_check "$CAP" bench.planner_check "$@"
 # shellcheck disable=SC2086
 run suite 100000 bench.suite --grpo-variant "nockpt:$NOCKPT,trainer.micro_batch_size=4" "$@" ${BENCH_SUITE_ARGS:-}
-run gpu_checks 100000 bench.gpu_checks "$@"
+# shellcheck disable=SC2086
+run gpu_checks 100000 bench.gpu_checks "$@" ${BENCH_CHECKS_ARGS:-}
 
 "$PYTHON" -m bench.summary "$RESULTS" >> "$LOG" 2>&1 || say "summary failed"
 say "done in $(( $(date +%s) - START ))s; failed:${FAILED:- none}"
