@@ -17,6 +17,8 @@
 #                     what is left (train_step and planner_check at most 150 s each on the GPU)
 #   BENCH_SUITE_ARGS  extra args for bench.suite only (e.g. "--gpu-mem-util 0.3")
 #   BENCH_CHECKS_ARGS extra args for bench.gpu_checks only (e.g. "--checks lora_shared")
+#   BENCH_GRPO_VARIANTS space-separated TAG:key=value,... steps the suite runs after the recipe's
+#                     (default: nockpt, no recomputation at micro-batch 4; empty: none)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -88,8 +90,10 @@ run() {  # run NAME CAP_S MODULE ARGS...
 run train_step "$CAP" bench.train_step "$@"
 run train_step_nockpt "$CAP" bench.train_step --tag _nockpt --micro 4 --set "$NOCKPT" "$@"
 run planner_check "$CAP" bench.planner_check "$@"
+VARIANT_ARGS=()
+for v in ${BENCH_GRPO_VARIANTS-"nockpt:$NOCKPT,trainer.micro_batch_size=4"}; do VARIANT_ARGS+=(--grpo-variant "$v"); done
 # shellcheck disable=SC2086
-run suite 100000 bench.suite --grpo-variant "nockpt:$NOCKPT,trainer.micro_batch_size=4" "$@" ${BENCH_SUITE_ARGS:-}
+run suite 100000 bench.suite "${VARIANT_ARGS[@]}" "$@" ${BENCH_SUITE_ARGS:-}
 # shellcheck disable=SC2086
 run gpu_checks 100000 bench.gpu_checks "$@" ${BENCH_CHECKS_ARGS:-}
 

@@ -102,6 +102,9 @@ class TrainerConfig:
     prompts_per_step: int = 116
     mini_batch_prompts: int = 116  # one optimizer step per mini-batch
     micro_batch_size: int = 8  # sequences per forward/backward
+    # sequences per no-grad log-prob forward (reference, old policy); 0 = micro_batch_size.
+    # It keeps no activations, so it can be larger, and short rows then make larger GEMMs.
+    logprob_micro_batch_size: int = 0
     ppo_epochs: int = 1
     seed: int = 0
     val_every: int = 0  # 0 = never
@@ -298,6 +301,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
+    if t.logprob_micro_batch_size < 0:
+        raise ConfigError(f"trainer.logprob_micro_batch_size={t.logprob_micro_batch_size} must be >= 0 "
+                          "(0: the same as trainer.micro_batch_size)")
     if t.prompts_per_step % t.mini_batch_prompts:
         raise ConfigError(
             f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step={t.prompts_per_step}"

@@ -295,6 +295,7 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     tbytes = 4  # fp32: full FT master weights (grpo_core.policy loads fp32), peft adapters; grads and Adam alike
     seq = cfg.data.max_prompt_tokens + r.max_tokens
     tokens = t.micro_batch_size * seq
+    ref_tokens = (t.logprob_micro_batch_size or t.micro_batch_size) * seq  # the no-grad log-prob passes
     notes: list[str] = []
 
     # ---- where trainer state lives in each stage
@@ -381,10 +382,10 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     def compute(stage: str) -> list[Part]:
         if stage == "reference logprobs":
             if k.head_chunk_tokens:  # one chunk's logits and their fp32 upcast/log-softmax
-                logits = shape.vocab * min(k.head_chunk_tokens, tokens) * (act + 8)
+                logits = shape.vocab * min(k.head_chunk_tokens, ref_tokens) * (act + 8)
             else:  # all logits + a chunk's fp32 upcast/log-softmax
-                logits = shape.vocab * (act * tokens + 8 * chunk_tokens)
-            layer = act_layer * tokens
+                logits = shape.vocab * (act * ref_tokens + 8 * chunk_tokens * ref_tokens // tokens)
+            layer = act_layer * ref_tokens
             big = (("logits + fp32 log-softmax chunk", logits, f"layer forward {_gib(layer):.1f} GiB")
                    if logits >= layer else ("layer forward (1 layer)", layer, f"logits {_gib(logits):.1f} GiB"))
             return [fsdp, Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")]
@@ -459,6 +460,11 @@ def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: floa
         c2 = _with(cfg, "trainer.micro_batch_size", mb)
         if _build(name, shape, c2, gpus, mem, k).fits:
             c.append((f"trainer.micro_batch_size={mb}", c2, gpus))
+            break
+    for mb in range(t.logprob_micro_batch_size - 1, 0, -1):  # set apart from the update's: the same search
+        c2 = _with(cfg, "trainer.logprob_micro_batch_size", mb)
+        if _build(name, shape, c2, gpus, mem, k).fits:
+            c.append((f"trainer.logprob_micro_batch_size={mb}", c2, gpus))
             break
     if r.sleep_level == 0:
         c.append(("rollout.sleep_level=1", _with(cfg, "rollout.sleep_level", 1), gpus))

@@ -191,6 +191,27 @@ def test_suggestions_make_it_fit() -> None:
     assert not plan(Q14, memory._apply(big, f"trainer.micro_batch_size={int(mb[0].split('=')[1]) + 1}"), 4, 80.0).fits
 
 
+def test_logprob_micro_batch_sizes_only_the_no_grad_passes() -> None:
+    same, big = plan(Q14, cfg(), 1, 140.0), plan(Q14, cfg("trainer.logprob_micro_batch_size=64"), 1, 140.0)
+    stage = lambda p, name: {s.name: s for s in p.stages}[name].total("gpu")  # noqa: E731
+    assert stage(big, "update") == stage(same, "update")
+    seq = 512 + 1024  # the defaults: data.max_prompt_tokens + rollout.max_tokens
+    layer = part(big, "reference logprobs", "layer forward").gib  # 64 rows: the layer, not a logits chunk, is larger
+    assert layer == pytest.approx(memory.layer_activation_bytes(
+        Q14, seq, full=False, targets=memory.lora_targets(Q14, cfg().model.lora_target_modules), rank=32,
+        attn=cfg().model.attn_implementation, act=memory.ACT) * 64 * seq / memory.GIB)
+    assert stage(big, "reference logprobs") > stage(same, "reference logprobs")
+    # too large to fit: the largest that fits is suggested
+    huge = cfg("trainer.logprob_micro_batch_size=4096")
+    p = plan(Q14, huge, 1, 80.0)
+    assert not p.fits and "reference logprobs" in p.problems[0]
+    lp = [s.split(" (")[0] for s in p.suggestions if s.startswith("trainer.logprob_micro_batch_size=")]
+    assert lp, p.suggestions
+    n = int(lp[0].split("=")[1])
+    assert plan(Q14, memory._apply(huge, lp[0]), 1, 80.0).fits
+    assert not plan(Q14, memory._apply(huge, f"trainer.logprob_micro_batch_size={n + 1}"), 1, 80.0).fits
+
+
 def test_host_memory_problem_suggests_less_offload_or_deeper_sleep() -> None:
     c = cfg("trainer.param_offload=true", "trainer.optimizer_offload=true")
     p = plan(Q14, c, 2, 140.0, Knobs(host_mem_gib=60.0))

@@ -10,7 +10,7 @@ import torch
 from grpo_core import config
 from grpo_core.algorithm import LOSS_AGG_MODES
 from grpo_core.batch import pack
-from grpo_core.train import by_length, train_step
+from grpo_core.train import batched_logprobs, by_length, train_step
 
 ROWS = 8
 
@@ -64,3 +64,20 @@ def test_micro_batching_does_not_change_the_update(model_dir, loss_agg):
     assert any(d.abs().max() > 1e-4 for d in whole.values())
     for name in whole:
         torch.testing.assert_close(sliced[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_log_prob_micro_batches_do_not_change_the_log_probs(model_dir):
+    from grpo_core import distributed
+    from grpo_core.policy import Policy
+
+    info = distributed.init_distributed("cpu")
+    cfg = config.load(None, [f"model.path={model_dir}", "model.lora_rank=4", "trainer.device=cpu"])
+    torch.manual_seed(0)
+    policy = Policy(str(model_dir), cfg.model, cfg.trainer, info, needs_reference=False)
+    batch = make_batch(policy.model.base_model.model.config.vocab_size)
+    mask = batch.response_mask.bool()  # the loss reads these; padded positions are never read
+    one_by_one = batched_logprobs(policy, batch, 1, 1.0, reference=False)[mask]
+    assert one_by_one.lt(-0.1).all() and one_by_one.numel() == int(mask.sum())
+    for micro in (3, ROWS):
+        torch.testing.assert_close(batched_logprobs(policy, batch, micro, 1.0, reference=False)[mask], one_by_one,
+                                   rtol=0, atol=2e-6)

@@ -94,6 +94,7 @@ def test_overrides_use_dotted_keys_for_both_parts() -> None:
     ("cluster.signal_lead_s=50000", "at most half of cluster.time_min"),
     ("train.rollout.tensor_parallel_size=8", "each rank needs the whole base"),
     ("train.trainer.mini_batch_prompts=100", "does not divide"),
+    ("train.trainer.logprob_micro_batch_size=-1", "0: the same as trainer.micro_batch_size"),
     ("cluster.sbatch.signal=USR1@60", "submitit sets --signal itself"),
     ("cluster.sbatch.output=x.log", "submitit sets --output itself"),
     ("cluster.sbatch.partition=x", "use cluster.partition"),
