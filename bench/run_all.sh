@@ -90,8 +90,9 @@ run() {  # run NAME CAP_S MODULE ARGS...
 run train_step "$CAP" bench.train_step "$@"
 run train_step_nockpt "$CAP" bench.train_step --tag _nockpt --micro 4 --set "$NOCKPT" "$@"
 run planner_check "$CAP" bench.planner_check "$@"
+VARIANTS=${BENCH_GRPO_VARIANTS-"nockpt:$NOCKPT,trainer.micro_batch_size=4"}
 VARIANT_ARGS=()
-for v in ${BENCH_GRPO_VARIANTS-"nockpt:$NOCKPT,trainer.micro_batch_size=4"}; do VARIANT_ARGS+=(--grpo-variant "$v"); done
+for v in $VARIANTS; do VARIANT_ARGS+=(--grpo-variant "$v"); done
 # shellcheck disable=SC2086
 run suite 100000 bench.suite "${VARIANT_ARGS[@]}" "$@" ${BENCH_SUITE_ARGS:-}
 # shellcheck disable=SC2086
