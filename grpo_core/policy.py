@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -216,7 +216,7 @@ class Policy:
         their gradient never exist.
         """
         if reference and self.is_lora:
-            ctx = self.model.disable_adapter()
+            ctx = self._adapter_disabled()
             module = self.model
         else:
             ctx = nullcontext()
@@ -240,6 +240,21 @@ class Policy:
         if entropy is not None and not entropy_grad:
             entropy = entropy.detach()
         return logprobs, entropy
+
+    @contextmanager
+    def _adapter_disabled(self) -> Iterator[None]:
+        """The base model alone. peft's disable_adapter also clears the
+        adapter's requires_grad; if FSDP2's lazy init falls in this forward
+        (a step's first policy forward is the reference pass), it then sees
+        no trainable parameter and reduces the adapter's gradients in bf16,
+        which cannot be assigned to the fp32 adapter (the first backward
+        fails). The flags are restored inside the context; under no_grad
+        they change nothing else."""
+        trainable = self.trainable_parameters()
+        with self.model.disable_adapter():
+            for p in trainable:
+                p.requires_grad_(True)
+            yield
 
     def clip_grad_norm(self, max_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm if max_norm > 0 else float("inf"))

@@ -130,3 +130,31 @@ def test_forward_logprobs_equals_full_logits(model_dir, info, mode):
     torch.testing.assert_close(ref_lp, want, **tol)
     if policy.is_lora:  # the adapter does change the policy, so the reference is a different one
         assert (ref_lp - lp.detach()).abs().max() > 1e-3
+
+
+def test_bf16_lora_whose_first_forward_is_the_reference_pass_trains(model_dir, info):
+    """A step's first policy forward is the reference pass (adapter off).
+    FSDP2 initialises there; peft's disable_adapter clearing the adapter's
+    requires_grad made it reduce the fp32 adapter's grads in bf16, and the
+    first backward failed (seen on the H200, reproduced here)."""
+    from grpo_core.policy import Policy
+
+    cfg = config.load(None, [f"model.path={model_dir}", "model.dtype=bfloat16", *MODES["lora"]])
+    torch.manual_seed(0)
+    policy = Policy(str(model_dir), cfg.model, cfg.trainer, info, needs_reference=False)
+    batch = make_batch(policy.model.get_base_model().config.vocab_size)
+    ids, mask, resp = batch.input_ids, batch.attention_mask, batch.response_mask
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.to_local().normal_(0.0, 0.3)
+        reference, _ = policy.forward_logprobs(ids, mask, TEMPERATURE, reference=True)
+        with policy.model.disable_adapter():  # peft's own: the base alone
+            base, _ = policy.forward_logprobs(ids, mask, TEMPERATURE)
+    torch.testing.assert_close(reference, base, rtol=0, atol=0)
+    assert all(p.requires_grad for p in policy.trainable_parameters())  # restored on the way out
+    lp, _ = policy.forward_logprobs(ids, mask, TEMPERATURE)
+    assert (lp - reference)[resp.bool()].abs().max() > 1e-2  # the adapter is on again
+    (lp * resp).sum().backward()
+    grads = grads_of(policy)
+    assert grads and all(g.dtype == torch.float32 and g.abs().max() > 0 for g in grads.values())
