@@ -51,16 +51,44 @@ def _first_slurm_host() -> str | None:
         return None
 
 
-def init_distributed(device_pref: str = "auto") -> DistInfo:
-    """Join (or create) the process group; idempotent within a process."""
+def gpu_for_rank(visible: str | None, gpu_count: int, local_rank: int, world: int) -> str | None:
+    """The CUDA_VISIBLE_DEVICES entry this rank should keep for itself, or
+    None to leave the GPUs as they are (one rank, or one GPU visible)."""
+    ids = [x.strip() for x in visible.split(",") if x.strip()] if visible is not None else [str(i) for i in range(gpu_count)]
+    if world == 1 or len(ids) <= 1:
+        return None
+    if local_rank >= len(ids):
+        raise RuntimeError(f"local rank {local_rank} has no GPU of its own: {len(ids)} visible ({','.join(ids)})")
+    return ids[local_rank]
+
+
+def init_distributed(device_pref: str = "auto", *, own_gpu: bool = True) -> DistInfo:
+    """Join (or create) the process group; idempotent within a process.
+
+    own_gpu: each rank keeps only its own GPU (it becomes cuda:0). vLLM's
+    in-process engine always takes cuda:0 (its single-process executor reads
+    no rank), so with every GPU visible all the ranks' engines would land on
+    GPU 0. Engines with tensor_parallel_size > 1 need the other GPUs: False."""
     # torchrun's variables win over Slurm's: torchrun may run inside an allocation.
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    # device_count() asks NVML, which leaves CUDA uninitialised; is_available() would not.
+    gpus = torch.cuda.device_count() if device_pref != "cpu" else 0
+    mine = None
+    if gpus and own_gpu and not dist.is_initialized():
+        mine = gpu_for_rank(os.environ.get("CUDA_VISIBLE_DEVICES"), gpus, local_rank, world)
+        if mine is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = mine
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    # A rank that sees one GPU (its own, or as Slurm bound it) finds it at cuda:0.
+    index = 0 if mine is not None or gpus <= 1 else local_rank
+    device = torch.device("cuda", index) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        if mine is not None and torch.cuda.device_count() > 1:  # initialised now: the driver's own count
+            raise RuntimeError("CUDA was initialised before init_distributed, so this rank still sees every GPU "
+                               "and its vLLM engine would share GPU 0 with the other ranks'")
     if not dist.is_initialized():
         if "TORCHELASTIC_RUN_ID" in os.environ:
             init_method = "env://"  # torchrun: its agent's store
