@@ -143,7 +143,7 @@ def measure(ctx) -> None:
         "profile": args.profile, "overrides": args.set, "prompts_per_step": cfg.trainer.prompts_per_step,
         "n": cfg.rollout.n, "sequences_per_step": cfg.trainer.prompts_per_step * cfg.rollout.n,
         "micro_batch_size": cfg.trainer.micro_batch_size, "mini_batch_prompts": cfg.trainer.mini_batch_prompts,
-        "logprob_micro_batch_size": cfg.trainer.logprob_micro_batch_size or cfg.trainer.micro_batch_size,
+        "logprob_micro_batch_size": cfg.trainer.logprob_micro,
         "lora_rank": cfg.model.lora_rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "kl_coef": cfg.algorithm.kl_coef, "entropy_coef": cfg.algorithm.entropy_coef,
         "param_offload": cfg.trainer.param_offload, "optimizer_offload": cfg.trainer.optimizer_offload,

@@ -45,10 +45,7 @@ fi
 VLLM_SITE=${VLLM_SITE:-/tmp/site}
 if [ $TINY = 0 ] && [ ! -d "$VLLM_SITE/vllm" ] && [ -d /tmp/parts ]; then
   say "installing the vLLM bundle from /tmp/parts into $VLLM_SITE"
-  ( cd /tmp && cat parts/p* > bundle.tar && mkdir -p b "$VLLM_SITE" && tar -C b -xf bundle.tar \
-      && tar -C "$VLLM_SITE" -xJf b/vllm.tar.xz \
-      && "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$VLLM_SITE" b/wheels/*.whl ) >> "$LOG" 2>&1 \
-    || say "bundle install FAILED (see log)"
+  PYTHON=$PYTHON bash bench/install_vllm_bundle.sh "$VLLM_SITE" >> "$LOG" 2>&1 || say "bundle install FAILED (see log)"
 fi
 if [ -d "$VLLM_SITE/vllm" ]; then
   export PYTHONPATH="$REPO:$VLLM_SITE${PYTHONPATH:+:$PYTHONPATH}"

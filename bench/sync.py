@@ -130,7 +130,7 @@ def run_lora(ctx) -> None:
     base_error = None
     with common.Timer() as t_base:
         try:
-            if not getattr(policy, "shares_base", False):  # a shared base is the engine's own already
+            if not policy.shares_base:  # a shared base is the engine's own already
                 eng.load_full_weights(policy.iter_full_weights(_dtype(cfg)))  # a LoRA policy yields its base, HF-named
         except Exception as exc:  # noqa: BLE001 - the timing still means something; the check then will not match
             import traceback
@@ -170,7 +170,7 @@ def run_lora(ctx) -> None:
                   statistics.median(raw), ctx.out, higher_is_better=False, target={"op": "<=", "value": 0.5},
                   runs={"ours": parts, "ours_total_s": ours, "raw_s": raw}, steady_one_token_s=steady,
                   adapter_mib=adapter_mib, base_weights_into_engine_s=t_base.s, base_weights_error=base_error,
-                  base_shared_with_engine=bool(getattr(policy, "shares_base", False)),
+                  base_shared_with_engine=policy.shares_base,
                   engine=ctx.engine_info())
     tol = args.check_tolerance
     common.record("synccheck_lora_max_abs_diff", check["max_abs_diff"], "nats",

@@ -114,6 +114,11 @@ class TrainerConfig:
     param_offload: bool = False
     optimizer_offload: bool = False
 
+    @property
+    def logprob_micro(self) -> int:
+        """Rows per no-grad log-prob forward (logprob_micro_batch_size, or micro_batch_size when 0)."""
+        return self.logprob_micro_batch_size or self.micro_batch_size
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:

@@ -295,7 +295,7 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     tbytes = 4  # fp32: full FT master weights (grpo_core.policy loads fp32), peft adapters; grads and Adam alike
     seq = cfg.data.max_prompt_tokens + r.max_tokens
     tokens = t.micro_batch_size * seq
-    ref_tokens = (t.logprob_micro_batch_size or t.micro_batch_size) * seq  # the no-grad log-prob passes
+    ref_tokens = t.logprob_micro * seq  # the no-grad log-prob passes
     notes: list[str] = []
 
     # ---- where trainer state lives in each stage
@@ -371,7 +371,8 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     act_layer = layer_activation_bytes(shape, seq, full=not lora, targets=targets, rank=m.lora_rank,
                                        attn=m.attn_implementation, act=act)
     final = 4 * shape.hidden + (2 * act * shape.hidden if not lora else 0)  # final norm (+ weight, lm_head input)
-    chunk_tokens = t.micro_batch_size * (min(k.logprob_chunk, seq) if k.logprob_chunk else seq)
+    chunk_per_row = min(k.logprob_chunk, seq) if k.logprob_chunk else seq  # full-logits path: log-softmax positions
+    chunk_tokens = t.micro_batch_size * chunk_per_row
     root = shape.root_params()
     # A shared base stays out of FSDP2: nothing of it is all-gathered.
     fsdp_root = Part(f"FSDP root all-gathered (embed + lm_head, {m.dtype})", 0.0 if share else _gib(root * dbytes), "gpu")
@@ -384,7 +385,7 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
             if k.head_chunk_tokens:  # one chunk's logits and their fp32 upcast/log-softmax
                 logits = shape.vocab * min(k.head_chunk_tokens, ref_tokens) * (act + 8)
             else:  # all logits + a chunk's fp32 upcast/log-softmax
-                logits = shape.vocab * (act * ref_tokens + 8 * chunk_tokens * ref_tokens // tokens)
+                logits = shape.vocab * (act * ref_tokens + 8 * t.logprob_micro * chunk_per_row)
             layer = act_layer * ref_tokens
             big = (("logits + fp32 log-softmax chunk", logits, f"layer forward {_gib(layer):.1f} GiB")
                    if logits >= layer else ("layer forward (1 layer)", layer, f"logits {_gib(logits):.1f} GiB"))
@@ -456,16 +457,14 @@ def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: floa
     c: list[tuple[str, Any, int]] = []
     if not m.gradient_checkpointing:
         c.append(("model.gradient_checkpointing=true", _with(cfg, "model.gradient_checkpointing", True), gpus))
-    for mb in range(t.micro_batch_size - 1, 0, -1):  # the largest micro-batch that fits
-        c2 = _with(cfg, "trainer.micro_batch_size", mb)
-        if _build(name, shape, c2, gpus, mem, k).fits:
-            c.append((f"trainer.micro_batch_size={mb}", c2, gpus))
-            break
-    for mb in range(t.logprob_micro_batch_size - 1, 0, -1):  # set apart from the update's: the same search
-        c2 = _with(cfg, "trainer.logprob_micro_batch_size", mb)
-        if _build(name, shape, c2, gpus, mem, k).fits:
-            c.append((f"trainer.logprob_micro_batch_size={mb}", c2, gpus))
-            break
+    # the largest micro-batch that fits; the log-prob one only when set apart (0 follows the update's)
+    for key, current in (("trainer.micro_batch_size", t.micro_batch_size),
+                         ("trainer.logprob_micro_batch_size", t.logprob_micro_batch_size)):
+        for mb in range(current - 1, 0, -1):
+            c2 = _with(cfg, key, mb)
+            if _build(name, shape, c2, gpus, mem, k).fits:
+                c.append((f"{key}={mb}", c2, gpus))
+                break
     if r.sleep_level == 0:
         c.append(("rollout.sleep_level=1", _with(cfg, "rollout.sleep_level", 1), gpus))
     for key in ("trainer.optimizer_offload", "trainer.param_offload"):  # on: GPU -> host; off: host -> GPU

@@ -251,8 +251,7 @@ def grpo_step(tr: Trainer) -> dict[str, float]:
     # ---- old log-probs only when the policy moves between mini-batches
     # (otherwise the detached current ones are exact), reference for KL
     t0 = time.perf_counter()
-    t = cfg.trainer
-    micro = t.logprob_micro_batch_size or t.micro_batch_size
+    t, micro = cfg.trainer, cfg.trainer.logprob_micro
     if t.mini_batch_prompts < t.prompts_per_step or t.ppo_epochs > 1:
         batch.old_logprobs = batched_logprobs(tr.policy, batch, micro, cfg.rollout.temperature, reference=False)
     if a.kl_coef > 0:
