@@ -11,7 +11,9 @@ from tests.mlflow_server import mlflow_server  # noqa: F401  (fixture)
 from tests.slurm_harness import slurm_cluster  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "gsm8k"
+# GSM8K's test split (MIT, LICENSE beside it) ships with the tests: a user's
+# clone has no ../shared.
+GSM8K_DIR = REPO / "tests" / "data" / "gsm8k"
 
 # vLLM on 2 CPU cores: engine in-process, a bounded KV cache, no reserved core.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -20,10 +22,3 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests never reach a tracking server unless they start one.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-
-
-@pytest.fixture(scope="session")
-def gsm8k_dir() -> Path:
-    if not (SHARED_DATA / "test.jsonl").is_file():
-        pytest.fail(f"GSM8K not found at {SHARED_DATA} (../shared/data/gsm8k next to the repo)")
-    return SHARED_DATA

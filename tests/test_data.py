@@ -15,8 +15,7 @@ from grpo_core.data import (
     load_gsm8k,
     synthetic_arithmetic,
 )
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k"
+from tests.conftest import GSM8K_DIR as DATA
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from grpo_core.reward import extract_gsm8k_answer, gsm8k_score, normalize_number
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k"
+from tests.conftest import GSM8K_DIR as DATA
 
 
 def test_every_gold_solution_of_the_test_set_scores_one() -> None:
