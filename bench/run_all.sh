@@ -6,7 +6,7 @@
 #   bash bench/run_all.sh [--tiny] [extra args passed to every script]
 #
 # Where results go: $OUT/h200 when OUT is set (the device run's fetched
-# folder; --tiny: $OUT/tiny), else bench/results/h200 (--tiny: a temp dir).
+# folder; --tiny: $OUT/tiny), else bench/results/h200/<date>-local (--tiny: a temp dir).
 # Environment (all optional):
 #   PYTHON            interpreter (default: python3; --tiny: .venv/bin/python when present)
 #   BENCH_DATA        GSM8K train.jsonl for grpo_step (default ../shared/data/gsm8k/train.jsonl if present)
@@ -30,7 +30,7 @@ if [ -n "${OUT:-}" ]; then
 elif [ $TINY = 1 ]; then
   RESULTS="${TMPDIR:-/tmp}/grpo-bench-tiny"
 else
-  RESULTS="$REPO/bench/results/h200"
+  RESULTS="$REPO/bench/results/h200/$(date -u +%F)-local"
 fi
 mkdir -p "$RESULTS/logs"
 LOG="$RESULTS/run_all.log"

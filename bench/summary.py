@@ -1,6 +1,6 @@
 """A Markdown table of a results dir's records (written as SUMMARY.md there).
 
-    python -m bench.summary bench/results/h200
+    python -m bench.summary bench/results/h200/2026-11-29-9
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def table(results: Path) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    results = Path(argv[0] if argv else "bench/results/h200")
+    results = Path(argv[0] if argv else "bench/results/h200/2026-11-29-9")
     text = table(results)
     (results / "SUMMARY.md").write_text(text)
     print(text)
