@@ -125,6 +125,10 @@ class CheckpointConfig:
     every: int = 0  # steps; 0 = only on preemption and at the end
     keep: int = 2
     save_final: bool = True
+    # Save and requeue when the next step plus a checkpoint plus this margin would
+    # pass the Slurm job's time limit (grpo_core/walltime.py); needs no --signal.
+    walltime_save: bool = True
+    walltime_margin_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.checkpoint.walltime_margin_s < 0:
+        raise ConfigError(f"checkpoint.walltime_margin_s={cfg.checkpoint.walltime_margin_s} must be >= 0")
     if t.logprob_micro_batch_size < 0:
         raise ConfigError(f"trainer.logprob_micro_batch_size={t.logprob_micro_batch_size} must be >= 0 "
                           "(0: the same as trainer.micro_batch_size)")

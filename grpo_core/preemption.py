@@ -11,6 +11,11 @@ import sys
 from types import FrameType
 
 DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+# The trainer's own request when the time limit is near (grpo_core.walltime).
+WALLTIME = "walltime"
+# Reasons after which nobody else brings the job back: the job requeues itself.
+# (SIGTERM comes from Slurm, which requeues or cancels as it decided.)
+SELF_REQUEUE = ("SIGUSR2", WALLTIME)
 
 
 class Preemption:
@@ -20,6 +25,10 @@ class Preemption:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+    @property
+    def requeue_self(self) -> bool:
+        return self.signal_name in SELF_REQUEUE
 
     def request(self, reason: str) -> None:
         if self.signal_name is None:

@@ -28,10 +28,11 @@ from .batch import RolloutBatch, pack
 from .config import ConfigError, TrainConfig
 from .data import DataError, PromptSampler
 from .plots import write_curves
-from .preemption import Preemption
+from .preemption import WALLTIME, Preemption
 from .reward import gsm8k_score
 from .setup import ModelPathError, load_task, resolve_model
 from .tracking import Tracker
+from .walltime import WalltimeGuard, job_end_time
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved, ask to be run again
 TIMING_KEYS = ("time_rollout", "time_reference", "time_update", "time_sync", "time_step", "tokens_per_s", "time_validation")
@@ -296,7 +297,9 @@ def resume_or_start(tr: Trainer) -> Path | None:
     return latest
 
 
-def save(tr: Trainer, tracker: Tracker) -> None:
+def save(tr: Trainer, tracker: Tracker) -> float:
+    """Write a checkpoint (all ranks take part); returns the seconds it took."""
+    start = time.perf_counter()
     tr.state.sampler, tr.state.scheduler = tr.sampler.state_dict(), tr.scheduler.state_dict()
     tr.state.mlflow_run_id = tracker.run_id
     # Both gathers are collectives: every rank takes part, rank 0 writes.
@@ -305,6 +308,7 @@ def save(tr: Trainer, tracker: Tracker) -> None:
         path = checkpoint.save_checkpoint(tr.run_dir, tr.state, trainable, optim_state, tr.cfg.checkpoint.keep)
         rundir.write_status(tr.run_dir, latest_checkpoint=str(path))
     distributed.barrier()
+    return time.perf_counter() - start
 
 
 def _log_line(step: int, total: int, m: dict[str, float]) -> str:
@@ -342,6 +346,8 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
             latest_checkpoint=str(latest) if latest else None,
         )
     status = "finished"
+    preemption = preemption or Preemption()  # the walltime guard requests through it too
+    guard = WalltimeGuard(job_end_time() if cfg.checkpoint.walltime_save else None, cfg.checkpoint.walltime_margin_s)
     while tr.state.step < cfg.trainer.total_steps:
         tr.state.step += 1
         metrics = grpo_step(tr)
@@ -354,12 +360,19 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
             tracker.log_metrics(metrics, step=tr.state.step)
             rundir.write_status(run_dir, step=tr.state.step, last_reward=metrics["reward_mean"])
             print(_log_line(tr.state.step, cfg.trainer.total_steps, metrics), flush=True)
-        # Checkpoint on schedule, at the end, or on preemption (all ranks agree).
-        preempted = distributed.any_rank(preemption is not None and preemption.requested)
+        guard.observe_step(metrics["time_step"] + metrics.get("time_validation", 0.0))
         last = tr.state.step == cfg.trainer.total_steps
+        # Every rank asks, so all of them name the same reason (rank 0 requeues the job).
+        if not last and distributed.any_rank(guard.should_stop(time.time())) and not preemption.requested:
+            if info.is_main:
+                print(f"[grpo] {guard.left_s(time.time()):.0f}s left before the time limit: not enough for "
+                      "another step and a checkpoint", file=sys.stderr, flush=True)
+            preemption.request(WALLTIME)
+        # Checkpoint on schedule, at the end, or on preemption (all ranks agree).
+        preempted = distributed.any_rank(preemption.requested)
         every = cfg.checkpoint.every
         if preempted or (every and tr.state.step % every == 0) or (last and cfg.checkpoint.save_final):
-            save(tr, tracker)
+            guard.observe_checkpoint(save(tr, tracker))
         if preempted and not last:
             status = "preempted"
             break

@@ -7,7 +7,9 @@ resume the same way: the trainer starts from the newest complete checkpoint.
 Signals: Preemption.install() replaces submitit's handlers once the trainer
 is about to start. USR2 is submitit's warning before the time limit (sbatch
 --signal) or a manual `scancel --signal=USR2`: the trainer checkpoints and
-this process requeues the job itself. SIGTERM comes with preemption,
+this process requeues the job itself; so it does when the trainer saved
+because the next step would not fit before the time limit (walltime.py).
+SIGTERM comes with preemption,
 `scontrol requeue` and `scancel`: the trainer checkpoints if it has the time,
 and Slurm decides whether the job comes back. A USR2 that arrives while
 Python is still importing is handled by submitit, which calls checkpoint()
@@ -79,8 +81,8 @@ class Launch:
         if result.status != "preempted":
             return summary
         job_id = os.environ.get("SLURM_JOB_ID")
-        if flag.signal_name == "SIGUSR2" and job_id and _rank() == 0 and not _cancel_requested(run_dir):
-            # The time-limit warning: nobody else will bring the job back.
+        if flag.requeue_self and job_id and _rank() == 0 and not _cancel_requested(run_dir):
+            # The time-limit warning or the trainer's own walltime save: nobody else brings the job back.
             if _requeue(job_id):
                 sys.exit(EXIT_PREEMPTED)  # no result pickle: the requeued job writes the real one
         return summary

@@ -1,0 +1,98 @@
+"""Walltime-aware saves: stop in time even when no signal comes.
+
+Not every cluster sends USR2 before the time limit, and a fixed lead is a
+guess. The trainer knows how long its steps and checkpoints take and when
+the job ends (SLURM_JOB_END_TIME, else squeue's %e), so at each step
+boundary it asks: would the next step plus a checkpoint still end before
+the limit? If not, it saves now and the job requeues itself, the same way
+as on a USR2 warning (grpo_core.preemption.WALLTIME).
+
+`must_stop` is the decision, a pure function; `WalltimeGuard` feeds it the
+measured times.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+EMA_WEIGHT = 0.3  # of the newest step: a slower step moves the estimate at once
+RECENT_STEPS = 5  # the estimate is never below the slowest of these
+
+
+def step_estimate(recent: Sequence[float], ema: float | None) -> float | None:
+    """Seconds the next step may take: the EMA, or the slowest recent step if that is longer."""
+    if not recent and ema is None:
+        return None
+    return max([*recent, ema if ema is not None else 0.0])
+
+
+def must_stop(now: float, end: float | None, step_s: float | None, checkpoint_s: float | None,
+              margin_s: float) -> bool:
+    """True when the next step and then a checkpoint would not fit before `end` (epoch seconds).
+
+    Unknown end or step time: never. An unmeasured checkpoint is taken to be
+    as long as a step (the first save has not happened yet)."""
+    if end is None or step_s is None:
+        return False
+    save_s = step_s if checkpoint_s is None else checkpoint_s
+    return now + step_s + save_s + margin_s > end
+
+
+def parse_end_time(text: str) -> float | None:
+    """SLURM_JOB_END_TIME (epoch seconds) or squeue's %e (local ISO time); None for N/A, Unknown, ''."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return float(text) if int(text) > 0 else None
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()  # naive: local time, as squeue prints it
+    except ValueError:
+        return None  # "N/A", "Unknown", "NONE": no limit known
+
+
+def job_end_time(env: Mapping[str, str] | None = None,
+                 run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> float | None:
+    """When this Slurm job's time limit runs out (epoch seconds), or None outside Slurm / unknown."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_END_TIME"):
+        return parse_end_time(env["SLURM_JOB_END_TIME"])
+    job_id = env.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    try:
+        out = run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    lines = out.stdout.strip().splitlines()
+    return parse_end_time(lines[0]) if lines else None
+
+
+@dataclass
+class WalltimeGuard:
+    """Measured step and checkpoint times against the job's end."""
+
+    end: float | None
+    margin_s: float
+    ema: float | None = None
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    checkpoint_s: float | None = None
+
+    def observe_step(self, seconds: float) -> None:
+        self.recent.append(seconds)
+        self.ema = seconds if self.ema is None else EMA_WEIGHT * seconds + (1 - EMA_WEIGHT) * self.ema
+
+    def observe_checkpoint(self, seconds: float) -> None:
+        self.checkpoint_s = seconds
+
+    def should_stop(self, now: float) -> bool:
+        return must_stop(now, self.end, step_estimate(list(self.recent), self.ema), self.checkpoint_s, self.margin_s)
+
+    def left_s(self, now: float) -> float | None:
+        return None if self.end is None else self.end - now
