@@ -27,6 +27,12 @@ _TAG_VAL_MAX = 8000  # MAX_TAG_VAL_LENGTH
 _PER_BATCH = 100  # params/tags per log_batch
 _METRICS_PER_BATCH = 1000
 _STATUSES = ("FINISHED", "KILLED", "FAILED")
+# MLflow 3's UI decides from this experiment tag which view an experiment opens
+# in (server/js: "mlflow.experimentKind"); without it, it guesses, and files our
+# runs under GenAI "evaluation runs". This value is its "Machine learning" kind:
+# training runs with metric charts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # Matched against the words of a key, not substrings: "rollout.max_tokens" is not a secret.
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")  # one bad name would sink a whole batch
 _SECRET_WORD = re.compile(r"(token|password|passwd|secrets?|key|credentials?)$")
@@ -291,12 +297,15 @@ class Tracker:
 
         exp = client.get_experiment_by_name(self._cfg.experiment)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made before we set it; a user's own choice stays
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return str(exp.experiment_id)
         location = None
         if self.tracking_uri.startswith("sqlite:///"):  # else MLflow uses ./mlruns of the cwd
             location = (Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         try:
-            return str(client.create_experiment(self._cfg.experiment, artifact_location=location))
+            return str(client.create_experiment(self._cfg.experiment, artifact_location=location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
         except MlflowException:  # another job created it first
             exp = client.get_experiment_by_name(self._cfg.experiment)
             if exp is None:

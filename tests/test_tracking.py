@@ -142,3 +142,25 @@ def test_embedded_sqlite_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert run.info.status == "FINISHED" and run.info.run_name == "local-1"
     assert [a.path for a in client.list_artifacts(t.run_id)] == ["train.yaml"]
     assert (tmp_path / "runs" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+
+def test_experiment_opens_in_the_model_training_view(mlflow_server: str, tmp_path: Path) -> None:
+    """MLflow 3's UI picks an experiment's view from its `mlflow.experimentKind` tag;
+    the tracker sets the "Machine learning" kind on experiments it creates, and on
+    ours made without it, but leaves a kind chosen in the UI alone."""
+    from grpo_core.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    client = MlflowClient(mlflow_server)
+    t = _tracker(mlflow_server, tmp_path / "kind-a")
+    assert t.run_id
+    exp = client.get_experiment_by_name("t-tracking")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    t.finish("FINISHED")
+    old = client.create_experiment("t-kind-old")  # as an older version of us made it
+    Tracker(TrackingConfig(experiment="t-kind-old", tracking_uri=mlflow_server), tmp_path / "kind-b", active=True,
+            run_id=None, params={}, tags={}).finish("FINISHED")
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    chosen = client.create_experiment("t-kind-chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    Tracker(TrackingConfig(experiment="t-kind-chosen", tracking_uri=mlflow_server), tmp_path / "kind-c", active=True,
+            run_id=None, params={}, tags={}).finish("FINISHED")
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
