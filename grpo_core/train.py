@@ -29,6 +29,7 @@ from .config import ConfigError, TrainConfig
 from .data import DataError, PromptSampler
 from .plots import write_curves
 from .preemption import WALLTIME, Preemption
+from .progress import Progress
 from .reward import gsm8k_score
 from .setup import ModelPathError, load_task, resolve_model
 from .tracking import Tracker
@@ -311,15 +312,6 @@ def save(tr: Trainer, tracker: Tracker) -> float:
     return time.perf_counter() - start
 
 
-def _log_line(step: int, total: int, m: dict[str, float]) -> str:
-    line = (
-        f"[grpo] step {step}/{total} reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
-        f"len {m['response_length_mean']:.1f} loss {m['policy_loss']:+.4f} | rollout {m['time_rollout']:.2f}s "
-        f"update {m['time_update']:.2f}s sync {m['time_sync']:.2f}s"
-    )
-    return line + (f" | val_acc {m['val_accuracy']:.3f}" if "val_accuracy" in m else "")
-
-
 def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult:
     tr = build_trainer(cfg)
     run_dir, info = tr.run_dir, tr.info
@@ -348,6 +340,7 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
     status = "finished"
     preemption = preemption or Preemption()  # the walltime guard requests through it too
     guard = WalltimeGuard(job_end_time() if cfg.checkpoint.walltime_save else None, cfg.checkpoint.walltime_margin_s)
+    progress = Progress(cfg.trainer.total_steps, tr.state.step) if info.is_main else None
     while tr.state.step < cfg.trainer.total_steps:
         tr.state.step += 1
         metrics = grpo_step(tr)
@@ -358,8 +351,9 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
         if info.is_main:
             rundir.append_metrics(run_dir, {"step": tr.state.step, **metrics})
             tracker.log_metrics(metrics, step=tr.state.step)
-            rundir.write_status(run_dir, step=tr.state.step, last_reward=metrics["reward_mean"])
-            print(_log_line(tr.state.step, cfg.trainer.total_steps, metrics), flush=True)
+            progress.step(tr.state.step, metrics)
+            rundir.write_status(run_dir, step=tr.state.step, last_reward=metrics["reward_mean"],
+                                eta_s=progress.eta(tr.state.step))
         guard.observe_step(metrics["time_step"] + metrics.get("time_validation", 0.0))
         last = tr.state.step == cfg.trainer.total_steps
         # Every rank asks, so all of them name the same reason (rank 0 requeues the job).
@@ -376,6 +370,8 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
         if preempted and not last:
             status = "preempted"
             break
+    if progress is not None:
+        progress.close()
     shutil.rmtree(tr.adapter_dir, ignore_errors=True)
     tr.engine.close()
     if info.is_main:

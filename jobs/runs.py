@@ -174,6 +174,7 @@ class RunView:
     mlflow_run_id: str | None
     mlflow_uri: str | None
     log: str
+    eta_s: float | None = None  # the trainer's estimate at its last step
 
 
 def derive_state(info: dict[str, Any], status: dict[str, Any], sched: str) -> str:
@@ -215,6 +216,7 @@ def view(run_dir: Path) -> RunView:
         restarts=int(status.get("restarts") or 0), latest_checkpoint=status.get("latest_checkpoint"),
         mlflow_run_id=status.get("mlflow_run_id"), mlflow_uri=status.get("mlflow_tracking_uri"),
         log=log_path(info, run_dir),
+        eta_s=float(status["eta_s"]) if isinstance(status.get("eta_s"), (int, float)) else None,
     )
 
 

@@ -14,9 +14,11 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Sequence
 
+from grpo_core import progress
 from jobs import runs
 from jobs.runs import JobsError, RunView
 
@@ -48,7 +50,8 @@ def print_table(views: list[RunView]) -> None:
 def print_one(v: RunView) -> None:
     print(f"run:          {v.name}")
     print(f"state:        {v.state}")
-    print(f"step:         {_fmt_step(v)}")
+    print(f"step:         {_fmt_step(v)}" + (f"  (eta {progress.hms(v.eta_s)})" if v.eta_s is not None
+                                                and v.state == "running" else ""))
     print(f"last reward:  {_fmt_reward(v.last_reward)}")
     print(f"restarts:     {v.restarts}")
     print(f"checkpoint:   {v.latest_checkpoint or '-'}")
@@ -85,12 +88,39 @@ def _new_metrics(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
     return out, offset + end
 
 
-def _metric_line(row: dict[str, Any], total: Any) -> str:
-    keys = [k for k in row if k != "step" and isinstance(row[k], (int, float))]
-    shown = [k for k in keys if "reward" in k][:2] + [k for k in keys if "loss" in k][:1] + \
-        [k for k in keys if "kl" in k][:1]
-    parts = " ".join(f"{k}={row[k]:.4g}" for k in shown)
-    return f"step {row.get('step')}/{total if total is not None else '?'}  {parts}".rstrip()
+class _Pace:
+    """elapsed/ETA for --follow from the steps' own times (metrics.jsonl has no wall clock)."""
+
+    def __init__(self) -> None:
+        self.elapsed, self.recent = 0.0, deque(maxlen=progress.ETA_WINDOW)
+
+    def line(self, row: dict[str, Any], total: Any) -> str:
+        seconds = progress.step_seconds(row)
+        self.elapsed += seconds
+        self.recent.append(seconds)
+        step, total = int(row["step"]), int(total) if isinstance(total, int) else int(row["step"])
+        return progress.progress_line(step, total, self.elapsed, progress.eta_s(step, total, list(self.recent)), row)
+
+
+def _new_log_lines(paths: list[Path], offsets: dict[Path, int]) -> list[str]:
+    """The trainer's and launcher's own messages (resume, signals, time limit, errors) appended
+    since the last poll; progress lines come from metrics.jsonl instead."""
+    out = []
+    for path in paths:
+        lines, offsets[path] = _new_lines(path, offsets.get(path, 0))
+        out += [line for line in lines if line.startswith(("[grpo", "error")) and not line.startswith("[grpo] step ")]
+    return out
+
+
+def _new_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except FileNotFoundError:
+        return [], 0
+    end = chunk.rfind(b"\n") + 1
+    return chunk[:end].decode(errors="replace").splitlines(), offset + end
 
 
 def _stop_local(info: dict[str, Any]) -> None:
@@ -107,15 +137,19 @@ def follow(run_dir: Path, poll_s: float | None = None, out: Any = None) -> int:
     out = out or sys.stdout
     poll_s = poll_s or POLL_S
     offset, last_state, seen_step, stopping, said_mlflow = 0, "", -1, False, False
+    pace, log_offsets = _Pace(), {}
     while True:
         try:
             v = runs.view(run_dir)
+            log = Path(v.log)
+            for line in _new_log_lines([log, log.with_suffix(".err")], log_offsets):
+                print(line, file=out, flush=True)
             rows, offset = _new_metrics(run_dir / "metrics.jsonl", offset)
             for row in rows:
                 step = row.get("step")
                 if isinstance(step, int) and step > seen_step:  # replayed steps after a resume: once
                     seen_step = step
-                    print(_metric_line(row, v.total_steps), file=out, flush=True)
+                    print(pace.line(row, v.total_steps), file=out, flush=True)
             if v.mlflow_run_id and not said_mlflow:
                 said_mlflow = True
                 print(f"mlflow: {runs.mlflow_hint(v.mlflow_uri, v.mlflow_run_id)}", file=out, flush=True)

@@ -122,4 +122,8 @@ def test_trainer_saves_before_the_job_end(tmp_path) -> None:
                          env={**env, "SLURM_JOB_END_TIME": str(int(time.time()) + 3600)})
     assert far.returncode == 0, far.stdout[-2000:] + far.stderr[-2000:]
     assert "resuming from" in far.stdout and "time limit" not in far.stderr
+    # Not a terminal: one plain progress line per step, ETA included.
+    lines = [line for line in far.stdout.splitlines() if line.startswith("[grpo] step")]
+    assert [line.split(" (")[0] for line in lines] == ["[grpo] step 2/3", "[grpo] step 3/3"], far.stdout
+    assert " eta 0:00:00 | " in lines[-1] and "tok/s | reward " in lines[-1] and "| slowest " in lines[-1]
     assert json.loads((run_dir / "status.json").read_text())["step"] == 3
