@@ -69,7 +69,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with a tiny Qwen2 (no GPU)")
     p.add_argument("--out", default=None,
                    help="results dir (default: $BENCH_OUT, else bench/results/h200/<date>-local; --tiny: a temp dir)")
-    p.add_argument("--profile", default="h100x2", help="cluster_profiles/<name>.yaml whose train: part is the recipe")
+    p.add_argument("--profile", default="h100x2", help="jobs/cluster_profiles/<name>.yaml whose train: part is the recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra TrainConfig override (repeatable), applied last")
     p.add_argument("--data", default=os.environ.get("BENCH_DATA", ""),
@@ -301,7 +301,7 @@ def _read_profile(name: str) -> dict[str, Any]:
     read here so that the benchmarks need neither submitit nor mlflow."""
     from grpo_core.config import read_yaml
 
-    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else REPO / "cluster_profiles" / f"{name}.yaml"
+    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else REPO / "jobs" / "cluster_profiles" / f"{name}.yaml"
     data = read_yaml(path)
     parent = data.pop("extends", None)
     if parent:

@@ -1,4 +1,4 @@
-"""Whole GRPO steps of the recipe (cluster_profiles/h100x2.yaml's train part)
+"""Whole GRPO steps of the recipe (jobs/cluster_profiles/h100x2.yaml's train part)
 on one GPU: seconds per stage, tokens/s/GPU over the step, peak GiB per stage,
 and the memory planner's prediction for the same colocated step.
 

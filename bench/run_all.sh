@@ -56,7 +56,7 @@ fi
 export BENCH_OUT="$RESULTS"
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-# as the recipe's cluster env (cluster_profiles/h100x2.yaml); set it empty to turn off
+# as the recipe's cluster env (jobs/cluster_profiles/h100x2.yaml); set it empty to turn off
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF-expandable_segments:True}
 [ -z "${BENCH_GIT_SHA:-}" ] && BENCH_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown) && export BENCH_GIT_SHA
 

@@ -1,7 +1,8 @@
 """Cluster profiles: YAML data with a `cluster:` part and a `train:` part.
 
-A profile is read from cluster_profiles/<name>.yaml (or any path, or a
-folder on $GRPO_PROFILES_DIR), merged over the profile it `extends:`, given
+A profile is read from a folder on $GRPO_PROFILES_DIR, else from the
+profiles shipped inside the package (jobs/cluster_profiles/<name>.yaml, found
+through importlib.resources, so an installed wheel has them too), or from any path, merged over the profile it `extends:`, given
 dotted overrides (`cluster.partition=big`, `train.rollout.n=8`) and built as
 strictly as the trainer's own config: an unknown key or a wrong type is one
 line that names the valid keys. Building reuses grpo_core.config, so the
@@ -13,6 +14,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,9 +22,10 @@ import yaml
 
 from grpo_core.config import ConfigError, TrainConfig, apply_overrides, build, read_yaml, to_dict, validate
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_DIR = REPO_ROOT / "cluster_profiles"
-TEMPLATES_DIR = REPO_ROOT / "templates"
+# Package data: in the checkout and in an installed wheel alike (a wheel is
+# installed as plain files, so the Traversable is a real folder).
+BUILTIN_DIR = Path(str(resources.files("jobs").joinpath("cluster_profiles")))
+TEMPLATES_DIR = Path(str(resources.files("jobs").joinpath("templates")))
 PROFILES_ENV = "GRPO_PROFILES_DIR"
 
 # submitit writes these itself (logs, requeue signal, arrays); a second value
@@ -45,7 +48,7 @@ TOP_KEYS = ("cluster", "description", "extends", "train")
 @dataclass(frozen=True)
 class ClusterConfig:
     launcher: str = "slurm"  # slurm | local (this machine, no Slurm)
-    template: str = "grpo"  # templates/<template>.sbatch.j2
+    template: str = "grpo"  # jobs/templates/<template>.sbatch.j2 (shipped in the package)
     partition: str = ""  # "" = the cluster's default partition
     account: str = ""
     qos: str = ""

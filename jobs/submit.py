@@ -24,7 +24,7 @@ import yaml
 from grpo_core.config import ConfigError, to_dict
 from jobs import runs
 from jobs.launch import Launch
-from jobs.profiles import PROFILES_ENV, Profile, describe, dump_profile, list_profiles, load_profile, replace_train
+from jobs.profiles import BUILTIN_DIR, PROFILES_ENV, Profile, describe, dump_profile, list_profiles, load_profile, replace_train
 from jobs.render import RunSpec, python_command, render_sbatch, submitit_parameters
 from jobs.runs import JobsError
 
@@ -121,7 +121,7 @@ def print_profiles() -> None:
     width = max((len(n) for n in found), default=0)
     for name, path in found.items():
         print(f"{name:<{width}}  {describe(path)}")
-    print(f"(folders: ${PROFILES_ENV}, then the shipped cluster_profiles/; or --profile path/to/file.yaml)")
+    print(f"(folders: ${PROFILES_ENV}, then the profiles shipped in the package ({BUILTIN_DIR}); or --profile path/to/file.yaml)")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
