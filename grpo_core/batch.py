@@ -53,3 +53,31 @@ def pack(prompts: list[list[int]], responses: list[list[int]], advantages: Tenso
         attention[i, : len(p) + len(r)] = 1
         response_mask[i, len(p) - 1 : len(p) + len(r) - 1] = 1.0
     return RolloutBatch(input_ids, attention, response_mask, advantages.float())
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """A right-padded micro-batch laid out as one sequence: the rows back to
+    back, position ids restarting at 0 per row. With no attention mask,
+    transformers reads the restarts as document boundaries and keeps
+    attention within a row (masking_utils.find_packed_sequence_indices)."""
+
+    input_ids: Tensor  # [1, N], N = the rows' real tokens
+    position_ids: Tensor  # [1, N]
+    scored: Tensor  # [B, T-1] bool: padded positions whose next token is in the same row
+    sources: Tensor  # [M] flat positions, in `scored` order; each scores the next flat token
+
+
+def pack_rows(input_ids: Tensor, attention_mask: Tensor) -> PackedRows:
+    """The packed layout of right-padded rows (as `pack` builds them)."""
+    real = attention_mask.bool()
+    rows, width = real.shape
+    lengths = real.sum(dim=1)
+    offsets = torch.arange(width, device=real.device)
+    if not torch.equal(real, offsets < lengths[:, None]):
+        raise ValueError("packing needs right-padded rows (real tokens first)")
+    starts = torch.cumsum(lengths, 0) - lengths
+    scored = real[:, 1:]
+    sources = (starts[:, None] + offsets[None, :-1])[scored]
+    positions = offsets.expand(rows, width)[real]
+    return PackedRows(input_ids[real][None], positions[None], scored, sources)

@@ -105,6 +105,9 @@ class TrainerConfig:
     # sequences per no-grad log-prob forward (reference, old policy); 0 = micro_batch_size.
     # It keeps no activations, so it can be larger, and short rows then make larger GEMMs.
     logprob_micro_batch_size: int = 0
+    # a micro-batch's rows as one sequence (positions restart per row, attention stays within a row): no padding
+    # slots. On a GPU pair it with model.attn_implementation=flex_attention (sdpa computes the whole packed square)
+    pack_sequences: bool = False
     ppo_epochs: int = 1
     seed: int = 0
     val_every: int = 0  # 0 = never

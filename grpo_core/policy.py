@@ -27,6 +27,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import DTensor
 
 from .algorithm import entropy_from_logits, lm_head_logprobs, token_logprobs
+from .batch import pack_rows
 from .config import ModelConfig, TrainerConfig
 from .distributed import DistInfo
 
@@ -79,7 +80,9 @@ def _model_on_shared_base(
     return model.to(device)  # the buffers; the shared parameters are there already
 
 
-def _final_hidden(module: nn.Module, hf: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def _final_hidden(
+    module: nn.Module, hf: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None
+) -> Tensor:
     """The decoder's final (normed) hidden states, [B, T, H].
 
     Taken through the root module's own forward, so FSDP2's root hooks run as
@@ -96,7 +99,8 @@ def _final_hidden(module: nn.Module, hf: nn.Module, input_ids: Tensor, attention
     handle = hf.get_decoder().register_forward_hook(catch)
     try:
         no_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-        module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=no_positions)
+        module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+               logits_to_keep=no_positions)
     finally:
         handle.remove()
     if len(caught) != 1:
@@ -119,6 +123,13 @@ def _logprobs_from_logits(
         with torch.no_grad():
             entropy = torch.cat([entropy_from_logits(c) for c in logits.detach().split(ENTROPY_CHUNK, dim=1)], dim=1)
     return logprobs, entropy
+
+
+def _unpacked(values: tuple[Tensor, Tensor | None], scored: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Packed per-token values ([M] or [1, M]) back into the rows' [B, T-1]
+    layout (differentiably), 0 where nothing is scored."""
+    place = lambda v: None if v is None else v.new_zeros(scored.shape).masked_scatter(scored, v.reshape(-1))  # noqa: E731
+    return place(values[0]), place(values[1])
 
 
 class Policy:
@@ -206,14 +217,16 @@ class Policy:
 
     def forward_logprobs(
         self, input_ids: Tensor, attention_mask: Tensor, temperature: float, *, reference: bool = False,
-        with_entropy: bool = False, entropy_grad: bool = False,
+        with_entropy: bool = False, entropy_grad: bool = False, packed: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probs of input_ids[:, 1:] under the policy, shape [B, T-1] (fp32),
         and their entropy if asked (differentiable only with entropy_grad).
 
         The LM head is applied a chunk of tokens at a time to the final hidden
         states (algorithm.lm_head_logprobs), so the [B, T, vocab] logits and
-        their gradient never exist.
+        their gradient never exist. packed: the rows run as one sequence
+        without padding (batch.pack_rows); the results come back in the same
+        [B, T-1] layout, 0 where a position scores no token of its row.
         """
         if reference and self.is_lora:
             ctx = self._adapter_disabled()
@@ -223,23 +236,33 @@ class Policy:
             module = self.reference if reference else self.model
         hf = module.get_base_model() if hasattr(module, "get_base_model") else module
         head = hf.get_output_embeddings()
-        targets = input_ids[:, 1:]
+        if packed:
+            # use_cache=False matters: with a cache transformers ignores the restarts (attention would cross rows).
+            rows = pack_rows(input_ids, attention_mask)
+            ids, mask, positions = rows.input_ids, None, rows.position_ids
+            scored, targets = rows.sources, rows.input_ids[0, rows.sources + 1]
+        else:
+            ids, mask, positions, scored, targets = input_ids, attention_mask, None, slice(None, -1), input_ids[:, 1:]
         if type(head) is not nn.Linear:
             # e.g. peft-wrapped (lm_head in the LoRA targets) or its own FSDP
             # unit: only its forward knows its effective weight.
             with ctx:
-                logits = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return _logprobs_from_logits(logits[:, :-1], targets, temperature, with_entropy, entropy_grad)
+                logits = module(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            logits = logits[0, scored][None] if packed else logits[:, scored]
+            out = _logprobs_from_logits(logits, targets[None] if packed else targets, temperature, with_entropy,
+                                        entropy_grad)
+            return _unpacked(out, rows.scored) if packed else out
         with ctx:
-            hidden = _final_hidden(module, hf, input_ids, attention_mask)
+            hidden = _final_hidden(module, hf, ids, mask, positions)
         if isinstance(head.weight, DTensor):
             raise RuntimeError("lm_head is still sharded after the root forward (the FSDP2 root must not reshard after forward)")
+        hidden = hidden[0, scored] if packed else hidden[:, scored]
         logprobs, entropy = lm_head_logprobs(
-            hidden[:, :-1], head.weight, head.bias, targets, temperature=temperature, with_entropy=with_entropy
+            hidden, head.weight, head.bias, targets, temperature=temperature, with_entropy=with_entropy
         )
         if entropy is not None and not entropy_grad:
             entropy = entropy.detach()
-        return logprobs, entropy
+        return _unpacked((logprobs, entropy), rows.scored) if packed else (logprobs, entropy)
 
     @contextmanager
     def _adapter_disabled(self) -> Iterator[None]:

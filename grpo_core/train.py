@@ -57,7 +57,8 @@ def forward_backward(policy, mb: RolloutBatch, cfg: TrainConfig, loss_scale: flo
     micro-batch's own aggregate into its share of the mini-batch's."""
     a = cfg.algorithm
     logprobs, entropy = policy.forward_logprobs(
-        mb.input_ids, mb.attention_mask, cfg.rollout.temperature, with_entropy=True, entropy_grad=a.entropy_coef != 0
+        mb.input_ids, mb.attention_mask, cfg.rollout.temperature, with_entropy=True, entropy_grad=a.entropy_coef != 0,
+        packed=cfg.trainer.pack_sequences,
     )
     old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
     # Dr.GRPO's divisor is a constant (the longest response allowed), not the
@@ -96,13 +97,14 @@ def by_length(batch: RolloutBatch, rows: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float, *, reference: bool) -> torch.Tensor:
+def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float, *, reference: bool,
+                     packed: bool = False) -> torch.Tensor:
     out = torch.zeros_like(batch.response_mask)
     order = by_length(batch, list(range(len(batch))))
     for start in range(0, len(batch), micro):
         rows = order[start : start + micro]
         mb = batch.select(rows).to(policy.info.device)
-        lp, _ = policy.forward_logprobs(mb.input_ids, mb.attention_mask, temperature, reference=reference)
+        lp, _ = policy.forward_logprobs(mb.input_ids, mb.attention_mask, temperature, reference=reference, packed=packed)
         out[rows, : lp.shape[1]] = lp.float().cpu()
     return out
 
@@ -255,9 +257,11 @@ def grpo_step(tr: Trainer) -> dict[str, float]:
     t0 = time.perf_counter()
     t, micro = cfg.trainer, cfg.trainer.logprob_micro
     if t.mini_batch_prompts < t.prompts_per_step or t.ppo_epochs > 1:
-        batch.old_logprobs = batched_logprobs(tr.policy, batch, micro, cfg.rollout.temperature, reference=False)
+        batch.old_logprobs = batched_logprobs(tr.policy, batch, micro, cfg.rollout.temperature, reference=False,
+                                              packed=t.pack_sequences)
     if a.kl_coef > 0:
-        batch.ref_logprobs = batched_logprobs(tr.policy, batch, micro, cfg.rollout.temperature, reference=True)
+        batch.ref_logprobs = batched_logprobs(tr.policy, batch, micro, cfg.rollout.temperature, reference=True,
+                                              packed=t.pack_sequences)
     time_reference = time.perf_counter() - t0
     # ---- policy update, then the new weights into the engine
     t0 = time.perf_counter()

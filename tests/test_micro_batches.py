@@ -35,7 +35,7 @@ def make_batch(vocab: int):
     return batch
 
 
-def one_update(model_dir, loss_agg: str, micro: int) -> dict[str, torch.Tensor]:
+def one_update(model_dir, loss_agg: str, micro: int, *extra: str) -> dict[str, torch.Tensor]:
     from grpo_core import distributed
     from grpo_core.policy import Policy
 
@@ -43,7 +43,8 @@ def one_update(model_dir, loss_agg: str, micro: int) -> dict[str, torch.Tensor]:
     cfg = config.load(None, [f"model.path={model_dir}", "model.lora_rank=4", "model.lora_alpha=8", "trainer.device=cpu",
                              f"trainer.prompts_per_step={ROWS}", f"trainer.mini_batch_prompts={ROWS}", "rollout.n=1",
                              f"trainer.micro_batch_size={micro}", f"algorithm.loss_agg={loss_agg}", "rollout.max_tokens=16",
-                             "algorithm.kl_coef=0.1", "algorithm.entropy_coef=0.01", "optim.lr=0.01", "optim.weight_decay=0"])
+                             "algorithm.kl_coef=0.1", "algorithm.entropy_coef=0.01", "optim.lr=0.01", "optim.weight_decay=0",
+                             *extra])
     torch.manual_seed(0)
     policy = Policy(str(model_dir), cfg.model, cfg.trainer, info, needs_reference=False)
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)  # the update is the gradient itself
@@ -58,9 +59,13 @@ def test_rows_sort_longest_first_and_stably():
     assert by_length(batch, [0, 1, 2, 3]) == [3, 1, 2, 0]
 
 
+CUTS = {"rows of 3": (3,), "packed rows of 3": (3, "trainer.pack_sequences=true")}
+
+
+@pytest.mark.parametrize("cut", CUTS)
 @pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
-def test_micro_batching_does_not_change_the_update(model_dir, loss_agg):
-    whole, sliced = one_update(model_dir, loss_agg, ROWS), one_update(model_dir, loss_agg, 3)
+def test_micro_batching_does_not_change_the_update(model_dir, loss_agg, cut):
+    whole, sliced = one_update(model_dir, loss_agg, ROWS), one_update(model_dir, loss_agg, *CUTS[cut])
     assert any(d.abs().max() > 1e-4 for d in whole.values())
     for name in whole:
         torch.testing.assert_close(sliced[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
