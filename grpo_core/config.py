@@ -24,14 +24,14 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = ""  # HF model dir (or hub id); required
     tiny: bool = False  # build a tiny random-init Qwen2 + offline tokenizer at `path` if absent
-    tiny_hidden: int = 64
-    tiny_layers: int = 2
-    dtype: str = "float32"  # float32 | bfloat16
+    tiny_hidden: int = 64  # the tiny model's hidden size (model.tiny)
+    tiny_layers: int = 2  # the tiny model's layer count (model.tiny)
+    dtype: str = "float32"  # weights and compute of trainer and vLLM (LoRA adapters stay fp32)
     lora_rank: int = 0  # 0 = full fine-tuning
-    lora_alpha: int = 32
+    lora_alpha: int = 32  # LoRA scaling is lora_alpha / lora_rank
     lora_target_modules: str = "all-linear"  # or comma-separated module names
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    attn_implementation: str = "sdpa"  # the HF trainer model's attention (transformers' attn_implementation)
     load_format: str = "auto"  # vLLM's; "dummy" = random weights (benchmarks)
     # LoRA on CUDA: the frozen base is vLLM's own weights (views), not a second copy
     share_base_weights: bool = False
@@ -39,30 +39,30 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "gsm8k"  # gsm8k | synthetic
+    source: str = "gsm8k"  # synthetic: a tiny arithmetic task a random-init model learns in minutes
     train_path: str = ""  # local .jsonl/.parquet; "" -> datasets hub openai/gsm8k
-    test_path: str = ""
-    hub_name: str = "openai/gsm8k"
-    max_prompt_tokens: int = 512
-    synthetic_max_sum: int = 4
-    synthetic_train_size: int = 2000
-    synthetic_test_size: int = 64
-    shuffle: bool = True
+    test_path: str = ""  # like train_path, for validation; "" -> the hub's test split
+    hub_name: str = "openai/gsm8k"  # datasets hub id used when a path is ""
+    max_prompt_tokens: int = 512  # longer prompts are dropped; also sizes vLLM's max_model_len
+    synthetic_max_sum: int = 4  # synthetic task: largest sum asked
+    synthetic_train_size: int = 2000  # synthetic task: training prompts
+    synthetic_test_size: int = 64  # synthetic task: validation prompts
+    shuffle: bool = True  # reshuffle the training prompts every epoch (seeded by trainer.seed)
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    n: int = 5
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 1024
-    val_max_tokens: int = 1024
-    gpu_memory_utilization: float = 0.25
+    n: int = 5  # samples per prompt: the GRPO group
+    temperature: float = 1.0  # sampling temperature of training rollouts (validation is greedy)
+    top_p: float = 1.0  # nucleus sampling of training rollouts
+    max_tokens: int = 1024  # response tokens per sample; longer ones are cut (response_clip_ratio)
+    val_max_tokens: int = 1024  # response tokens per validation answer
+    gpu_memory_utilization: float = 0.25  # vLLM's share of the GPU: weights + KV cache
     cpu_kv_cache_gib: float = 0.25  # VLLM_CPU_KVCACHE_SPACE on CPU
-    max_num_seqs: int = 256
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = False
-    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256  # vLLM's concurrent sequences
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine (1: one engine per rank)
+    enforce_eager: bool = False  # vLLM without CUDA graphs (slower, starts faster)
+    enable_prefix_caching: bool = True  # vLLM reuses the KV of a prompt shared by the n samples
     # 0: engine stays awake; 1/2: KV cache released during the update and the
     # weights offloaded to host (1) or dropped and re-sent (2); with a shared
     # base only the KV cache is released
@@ -71,35 +71,35 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    adv_eps: float = 1e-6
+    adv_eps: float = 1e-6  # added to the group std before dividing
     norm_adv_by_std: bool = True  # False = Dr.GRPO
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.001
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    entropy_coef: float = 0.0
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    clip_low: float = 0.2  # PPO ratio clip below 1 (1 - clip_low)
+    clip_high: float = 0.2  # PPO ratio clip above 1 (1 + clip_high)
+    kl_coef: float = 0.001  # KL-to-reference loss weight; 0 = no reference pass
+    kl_estimator: str = "k3"  # Schulman's KL estimators; k3 = low-variance, non-negative
+    entropy_coef: float = 0.0  # entropy bonus weight
+    loss_agg: str = "token-mean"  # how token losses are averaged (verl's names): over all tokens, or per sequence first
     reward_mode: str = "strict"  # strict (after ####) | flexible (last number)
-    format_score: float = 0.0
+    format_score: float = 0.0  # reward of a wrong answer in the right format
     advantage_sign: float = 1.0  # -1 flips the update; exists to prove the learning test can fail
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
+    lr: float = 1e-6  # AdamW learning rate (constant after warmup)
+    weight_decay: float = 0.01  # AdamW
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.999  # AdamW
+    eps: float = 1e-8  # AdamW
+    grad_clip: float = 1.0  # max global grad norm
+    warmup_steps: int = 0  # linear LR warmup over this many optimizer steps
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    run_dir: str = "runs/default"
-    total_steps: int = 10
-    prompts_per_step: int = 116
+    run_dir: str = "runs/default"  # checkpoints, metrics and status; a run always resumes from here
+    total_steps: int = 10  # GRPO steps (one rollout batch each)
+    prompts_per_step: int = 116  # prompts per rollout batch (x rollout.n samples)
     mini_batch_prompts: int = 116  # one optimizer step per mini-batch
     micro_batch_size: int = 8  # sequences per forward/backward
     # sequences per no-grad log-prob forward (reference, old policy); 0 = micro_batch_size.
@@ -108,14 +108,14 @@ class TrainerConfig:
     # a micro-batch's rows as one sequence (positions restart per row, attention stays within a row): no padding
     # slots. On a GPU pair it with model.attn_implementation=flex_attention (sdpa computes the whole packed square)
     pack_sequences: bool = False
-    ppo_epochs: int = 1
-    seed: int = 0
+    ppo_epochs: int = 1  # passes over each rollout batch
+    seed: int = 0  # data order, sampling and init
     val_every: int = 0  # 0 = never
     val_prompts: int = 0  # 0 = the whole test split
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     num_threads: int = 0  # torch intra-op threads; 0 = leave as is
-    param_offload: bool = False
-    optimizer_offload: bool = False
+    param_offload: bool = False  # FSDP2 keeps parameters on the host between uses
+    optimizer_offload: bool = False  # optimizer state on the host (the step runs on CPU)
 
     @property
     def logprob_micro(self) -> int:
@@ -126,8 +126,8 @@ class TrainerConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0  # steps; 0 = only on preemption and at the end
-    keep: int = 2
-    save_final: bool = True
+    keep: int = 2  # complete checkpoints kept (older ones deleted)
+    save_final: bool = True  # a checkpoint after the last step
     # Save and requeue when the next step plus a checkpoint plus this margin would
     # pass the Slurm job's time limit (grpo_core/walltime.py); needs no --signal.
     walltime_save: bool = True
@@ -136,11 +136,11 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    enabled: bool = True
-    experiment: str = "grpo"
+    enabled: bool = True  # log to MLflow
+    experiment: str = "grpo"  # MLflow experiment name
     run_name: str = ""  # "" = the run dir's name
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite next to the run dir
-    system_metrics: bool = False
+    system_metrics: bool = False  # MLflow system metrics: CPU, host memory, GPU (psutil, NVML)
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,18 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# The allowed values of the keys that take one of a few (validate checks them, --help lists them).
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.dtype": ("float32", "bfloat16"),
+    "data.source": ("gsm8k", "synthetic"),
+    "rollout.sleep_level": (0, 1, 2),
+    "algorithm.kl_estimator": ("k1", "k2", "k3"),
+    "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "algorithm.reward_mode": ("strict", "flexible"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+}
 
 
 # ---------------------------------------------------------------- building
@@ -291,18 +303,12 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks that types alone cannot express."""
-    t, a = cfg.trainer, cfg.algorithm
-    choices = {
-        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
-        "data.source": (cfg.data.source, ("gsm8k", "synthetic")),
-        "algorithm.kl_estimator": (a.kl_estimator, ("k1", "k2", "k3")),
-        "algorithm.loss_agg": (a.loss_agg, ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")),
-        "algorithm.reward_mode": (a.reward_mode, ("strict", "flexible")),
-        "trainer.device": (t.device, ("auto", "cpu", "cuda")),
-    }
-    for key, (value, allowed) in choices.items():
+    t = cfg.trainer
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r}; valid values: {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r}; valid values: {', '.join(map(str, allowed))}")
     if not cfg.model.path:
         raise ConfigError("model.path is required")
     positive = {
@@ -322,8 +328,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step={t.prompts_per_step}"
         )
-    if cfg.rollout.sleep_level not in (0, 1, 2):
-        raise ConfigError(f"rollout.sleep_level={cfg.rollout.sleep_level}; valid values: 0, 1, 2")
     if cfg.model.share_base_weights:
         conflicts = {
             "model.lora_rank=0 (full fine-tuning updates the base)": cfg.model.lora_rank == 0,

@@ -27,6 +27,7 @@ from . import algorithm, checkpoint, config, distributed, rundir
 from .batch import RolloutBatch, pack
 from .config import ConfigError, TrainConfig
 from .data import DataError, PromptSampler
+from .keyref import format_keys
 from .plots import write_curves
 from .preemption import WALLTIME, Preemption
 from .progress import Progress
@@ -391,14 +392,20 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m grpo_core.train", description="GRPO training run (resumes from RUN_DIR's newest checkpoint).",
-        epilog="Overrides: dotted keys, e.g. rollout.n=8 optim.lr=1e-5 trainer.run_dir=runs/x. Sections: "
-        + ", ".join(f.name for f in config.dataclasses.fields(TrainConfig)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides: dotted keys, e.g. rollout.n=8 optim.lr=1e-5 trainer.run_dir=runs/x\n\n"
+        "keys (KEY = DEFAULT  (TYPE; allowed values)):\n\n" + format_keys(TrainConfig, choices=config.CHOICES),
     )
     parser.add_argument("--config", help="YAML file with a TrainConfig (sections as below)")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the resolved config (file + overrides + defaults) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     try:
         cfg = config.load(args.config, args.overrides)
+        if args.show_config:
+            print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
+            return 0
         result = train(cfg, preemption=Preemption.install())
     except (ConfigError, DataError, ModelPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -47,14 +47,14 @@ TOP_KEYS = ("cluster", "description", "extends", "train")
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    launcher: str = "slurm"  # slurm | local (this machine, no Slurm)
+    launcher: str = "slurm"  # local: this machine, no Slurm
     template: str = "grpo"  # jobs/templates/<template>.sbatch.j2 (shipped in the package)
     partition: str = ""  # "" = the cluster's default partition
-    account: str = ""
-    qos: str = ""
-    nodes: int = 1
+    account: str = ""  # sbatch --account; "" = your default account
+    qos: str = ""  # sbatch --qos; "" = the default QOS
+    nodes: int = 1  # sbatch --nodes
     tasks_per_node: int = 1  # one rank per GPU for FSDP
-    gpus_per_node: int = 0
+    gpus_per_node: int = 0  # sbatch --gpus-per-node; 0 = none requested
     cpus_per_task: int = 0  # 0 = the cluster's default
     mem: str = ""  # sbatch --mem, e.g. "200G"; "" = the cluster's default
     time_min: int = 60  # whole minutes: submitit writes --time from an int
@@ -63,8 +63,8 @@ class ClusterConfig:
     python: str = ""  # interpreter on the compute nodes; "" = the one running jobs.submit
     workdir: str = ""  # the job cds here; "" = the directory jobs.submit ran in
     setup: tuple[str, ...] = ()  # shell lines run before the trainer (module load ...); trusted as code
-    env: tuple[str, ...] = ()  # KEY=VALUE, exported (quoted) in the script
-    sbatch: tuple[str, ...] = ()  # extra sbatch options: key=value, or a bare flag
+    env: tuple[str, ...] = ()  # KEY=VALUE, exported (quoted) in the script; one entry: cluster.env.KEY=VALUE
+    sbatch: tuple[str, ...] = ()  # extra sbatch options: key=value, or a bare flag; one: cluster.sbatch.KEY=VALUE
 
     def env_map(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.env)
@@ -93,6 +93,20 @@ class Profile:
 class _ProfileData:  # the shape `build` and `apply_overrides` check against
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def cluster_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of cluster keys that take one of a few (checked on load, listed by --help)."""
+    templates = tuple(sorted(p.name.removesuffix(".sbatch.j2") for p in TEMPLATES_DIR.glob("*.sbatch.j2")))
+    return {"launcher": ("slurm", "local"), "template": templates}
+
+
+def key_reference() -> str:
+    """Every cluster.* and train.* key with type, default, allowed values and comment (jobs --help)."""
+    from grpo_core.config import CHOICES
+    from grpo_core.keyref import format_keys
+
+    return format_keys(ClusterConfig, "cluster.", cluster_choices()) + "\n\n" + format_keys(TrainConfig, "train.", CHOICES)
 
 
 # ---------------------------------------------------------------- finding
@@ -215,11 +229,9 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, dic
 
 
 def _check_cluster(c: ClusterConfig, train: TrainConfig) -> None:
-    if c.launcher not in ("slurm", "local"):
-        raise ConfigError(f"cluster.launcher={c.launcher!r}; valid values: slurm, local")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", c.template) or not (TEMPLATES_DIR / f"{c.template}.sbatch.j2").is_file():
-        names = sorted(p.name.removesuffix(".sbatch.j2") for p in TEMPLATES_DIR.glob("*.sbatch.j2"))
-        raise ConfigError(f"cluster.template={c.template!r}; valid values: {', '.join(names)}")
+    for key, allowed in cluster_choices().items():
+        if getattr(c, key) not in allowed:
+            raise ConfigError(f"cluster.{key}={getattr(c, key)!r}; valid values: {', '.join(allowed)}")
     for key in ("nodes", "tasks_per_node", "time_min", "signal_lead_s"):
         if getattr(c, key) < 1:
             raise ConfigError(f"cluster.{key}={getattr(c, key)} must be >= 1")

@@ -24,7 +24,8 @@ import yaml
 from grpo_core.config import ConfigError, to_dict
 from jobs import runs
 from jobs.launch import Launch
-from jobs.profiles import BUILTIN_DIR, PROFILES_ENV, Profile, describe, dump_profile, list_profiles, load_profile, replace_train
+from jobs.profiles import (BUILTIN_DIR, PROFILES_ENV, Profile, describe, dump_profile, key_reference, list_profiles,
+                           load_profile, replace_train)
 from jobs.render import RunSpec, python_command, render_sbatch, submitit_parameters
 from jobs.runs import JobsError
 
@@ -116,6 +117,18 @@ def print_started(profile: Profile, run: RunSpec, info: dict) -> None:
     print(f"watch:    python -m jobs.status {run.name}")
 
 
+def print_dry_run(profile: Profile, run: RunSpec) -> None:
+    """The script exactly as submitted, then the training config the job will run (its train.yaml)."""
+    sys.stdout.write(render_sbatch(profile, run))
+    # As comments, so that the output stays a script sbatch accepts (e.g. `sbatch --test-only`).
+    print(f"# ---- {Path(run.run_dir) / 'train.yaml'}: the resolved training config this job runs ----")
+    for line in yaml.safe_dump(to_dict(profile.train), sort_keys=False).splitlines():
+        print(f"# {line}")
+    if profile.cluster.launcher == "slurm" and not profile.cluster.partition:
+        print("note: no --partition in the script: Slurm picks the cluster's default partition "
+              "(set one with cluster.partition=NAME)", file=sys.stderr)
+
+
 def print_profiles() -> None:
     found = list_profiles()
     width = max((len(n) for n in found), default=0)
@@ -125,13 +138,19 @@ def print_profiles() -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.submit", description="Submit a GRPO training run.")
+    p = argparse.ArgumentParser(prog="python -m jobs.submit", description="Submit a GRPO training run.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="keys (KEY = DEFAULT  (TYPE; allowed values)); the profile sets its own "
+                                "values, --show-config prints them:\n\n" + key_reference())
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides: cluster.partition=big train.rollout.n=8 cluster.env.NAME=value")
     p.add_argument("--profile", default="local", help="profile name or path to a YAML file (default: local)")
     p.add_argument("--name", help="run name (default: <profile>-<timestamp>); the run dir is RUNS/<name>")
     p.add_argument("--runs-dir", help=f"where run dirs live (default: ${runs.RUNS_ENV} or ./runs)")
-    p.add_argument("--dry-run", action="store_true", help="print the job script as it would be submitted; create nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the job script as it would be submitted and the training config it runs; create nothing")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved profile (cluster and train, after overrides) as YAML; create nothing")
     p.add_argument("--follow", dest="follow", action="store_true", default=None,
                    help="stream progress until the job ends (default for the local profile)")
     p.add_argument("--no-follow", dest="follow", action="store_false")
@@ -148,8 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = load_profile(args.profile, args.overrides)
         root = runs.runs_root(args.runs_dir)
         profile, run = prepare(profile, args.name or default_name(profile.name), root)
+        if args.show_config:
+            sys.stdout.write(dump_profile(profile))
+            return 0
         if args.dry_run:
-            sys.stdout.write(render_sbatch(profile, run))
+            print_dry_run(profile, run)
             return 0
         if profile.cluster.launcher == "slurm":  # before anything is created
             runs.require_tool("sbatch")

@@ -129,7 +129,9 @@ def test_submit_creates_the_run_dir_and_submits_the_dry_run_text(fake, capsys) -
     assert f"run:      r1\nrun dir:  {run_dir}\njob:      4242 (Slurm job)" in out
     assert "mlflow:   experiment 'grpo', run 'r1' at sqlite:///" in out and "mlflow ui --backend-store-uri" in out
     submitted = (fake.state / "script_4242.sh").read_text()
-    assert submitted == dry == (run_dir / "job.sbatch").read_text()
+    script, _, config = dry.partition("# ---- ")
+    assert submitted == script == (run_dir / "job.sbatch").read_text()
+    assert "".join(line[2:] + "\n" for line in config.splitlines()[1:]) == (run_dir / "train.yaml").read_text()
     info = json.loads((run_dir / "run.json").read_text())
     assert info["jobs"][0]["id"] == "4242" and info["profile"] == "slurm-cpu" and info["launcher"] == "slurm"
     train = (run_dir / "train.yaml").read_text()
