@@ -48,6 +48,10 @@ ADAM_TEMP = 1.0  # foreach AdamW temporaries, as a fraction of the trainable sha
 LOGITS_FP32_BYTES = 14  # per chunk token x vocab: fp32 upcast, log-softmax, their grads (recomputed chunk)
 ENTROPY_BYTES = 17  # per token x vocab: entropy over all logits (not chunked); measured the same with and without grad
 HOST_PROCESS_GIB = 6.0  # host RSS of one rank (python, torch, vLLM) besides offloaded state
+# A checkpoint gathers the full trainable weights and both AdamW states (fp32) on rank 0's host
+# (torch.distributed.checkpoint full_state_dict + cpu_offload), and torch.load brings them back at
+# resume: 3 fp32 copies of the trainable parameters, unsharded, besides the resident state.
+CHECKPOINT_FP32_COPIES = 3
 STAGES = ("rollout", "reference logprobs", "update", "update (end of backward)", "optimizer step", "sync")
 ACT = 2  # bytes per activation element in bf16 compute (4 when model.dtype=float32: no mixed precision)
 
@@ -237,6 +241,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    checkpoint_host_gib: float = 0.0  # rank 0's host, on top of its sync-stage host state, while saving/loading
 
     @property
     def peak_stage(self) -> Stage:
@@ -267,7 +272,8 @@ class Plan:
                 "gpu_mem_gib": self.gpu_mem_gib, "seq_len": self.seq_len, "kv_tokens": self.kv_tokens,
                 "peak_gib": round(self.peak_gib, 3), "peak_stage": self.peak_stage.name,
                 "host_peak_gib_per_gpu": round(self.host_peak_gib, 3),
-                "host_per_node_gib": round(self.host_per_node_gib, 3), "fits": self.fits,
+                "host_per_node_gib": round(self.host_per_node_gib, 3),
+                "checkpoint_host_gib": round(self.checkpoint_host_gib, 3), "fits": self.fits,
                 "problems": self.problems, "suggestions": self.suggestions, "notes": self.notes,
                 "knobs": dataclasses.asdict(self.knobs),
                 "constants": {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float))},
@@ -426,7 +432,10 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
         stages.append(Stage(s, tuple(p for p in parts if p.gib > 0)))
     per_node = min(gpus, k.gpus_per_node or gpus)
     plan = Plan(name, P, trainable, gpus, gpu_mem_gib, seq, kv_tokens, stages, 0.0, k, notes)
-    plan.host_per_node_gib = plan.host_peak_gib * per_node
+    # Offloaded state is pinned host memory (CPUOffloadPolicy pins the shards): it counts in RSS.
+    plan.checkpoint_host_gib = _gib(CHECKPOINT_FP32_COPIES * trainable * tbytes)
+    at_save = {s.name: s for s in stages}["sync"].total("host") * per_node + plan.checkpoint_host_gib
+    plan.host_per_node_gib = max(plan.host_peak_gib * per_node, at_save)
     if plan.peak_gib > gpu_mem_gib:
         plan.problems.append(f"peak {plan.peak_gib:.1f} GiB per GPU at '{plan.peak_stage.name}' > {gpu_mem_gib:g} GiB")
     if seq <= kv_tokens < seq * r.max_num_seqs:

@@ -310,6 +310,10 @@ class Policy:
                 if "lora_" in name:
                     continue
                 name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            if isinstance(param, DTensor) and param.device != self.info.device:
+                # CPU-offloaded shards (CPUOffloadPolicy): gather on the device (NCCL takes no
+                # CPU tensors) and cast there (fast), not on the host.
+                param = param.detach().to(self.info.device)
             full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
             yield name, full.detach().to(dtype)
 

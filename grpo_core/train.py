@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -137,6 +138,9 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
             stats.setdefault("lr", []).append(scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()
+            # Freed now, not at the next step's first mini-batch: the rollout, log-prob and
+            # sync stages (and a checkpoint) then hold no gradients (grpo_core.memory's stages).
+            optimizer.zero_grad(set_to_none=True)
     minis = t.ppo_epochs * (len(batch) // rows_per_mini)
     return {k: (sum(v) / minis if k not in ("grad_norm", "lr") else sum(v) / len(v)) for k, v in stats.items()}
 
@@ -231,11 +235,17 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     )
 
 
-def grpo_step(tr: Trainer) -> dict[str, float]:
-    """One GRPO step on this rank's share of the step's prompts."""
+def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dict[str, float]:
+    """One GRPO step on this rank's share of the step's prompts.
+
+    on_stage(name), if given, is called as each stage begins ("rollout",
+    "reference", "update", "sync") and with "end" after the sync: a
+    benchmark's per-stage memory meter, without patching the loop."""
     cfg, task, n, world = tr.cfg, tr.task, tr.cfg.rollout.n, tr.info.world_size
+    stage = on_stage or (lambda _name: None)
     step_start = time.perf_counter()
     # ---- rollout
+    stage("rollout")
     batch_ids = tr.sampler.next_batch()[tr.info.rank :: world]
     prompts = [task.train_prompts[i] for i in batch_ids]
     t0 = time.perf_counter()
@@ -255,6 +265,7 @@ def grpo_step(tr: Trainer) -> dict[str, float]:
     batch = pack([p for p, _, _ in flat], [list(s.token_ids) for _, s, _ in flat], adv, tr.tokenizer.pad_token_id)
     # ---- old log-probs only when the policy moves between mini-batches
     # (otherwise the detached current ones are exact), reference for KL
+    stage("reference")
     t0 = time.perf_counter()
     t, micro = cfg.trainer, cfg.trainer.logprob_micro
     if t.mini_batch_prompts < t.prompts_per_step or t.ppo_epochs > 1:
@@ -265,10 +276,13 @@ def grpo_step(tr: Trainer) -> dict[str, float]:
                                               packed=t.pack_sequences)
     time_reference = time.perf_counter() - t0
     # ---- policy update, then the new weights into the engine
+    stage("update")
     t0 = time.perf_counter()
     update_stats = train_step(tr.policy, tr.optimizer, tr.scheduler, batch, cfg)
     time_update = time.perf_counter() - t0
+    stage("sync")
     time_sync = sync_weights(tr.policy, tr.engine, tr.adapter_dir)
+    stage("end")
     lengths = torch.tensor([len(s.token_ids) for _, s, _ in flat], dtype=torch.float32)
     metrics = distributed.all_mean({
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,

@@ -71,7 +71,8 @@ def format_plan(p: memory.Plan) -> str:
         lines.append(f"\n[{s.name}]  GPU {s.total('gpu'):.2f}  host {s.total('host'):.2f}")
         lines += [f"  {q.where:4} {q.gib:8.2f}  {q.name}" + (f"  ({q.note})" if q.note else "") for q in s.parts]
     lines.append(f"\npeak: {p.peak_gib:.2f} GiB per GPU at '{p.peak_stage.name}' (of {p.gpu_mem_gib:g}); "
-                 f"host: {p.host_peak_gib:.1f} GiB per GPU, {p.host_per_node_gib:.1f} GiB per node")
+                 f"host: {p.host_peak_gib:.1f} GiB per GPU, {p.host_per_node_gib:.1f} GiB per node "
+                 f"(a checkpoint adds {p.checkpoint_host_gib:.1f} GiB on rank 0)")
     lines.append(f"vLLM KV cache: {p.kv_tokens} tokens = {p.kv_tokens // p.seq_len} full-length sequences")
     lines += [f"note: {n}" for n in p.notes]
     if p.fits:

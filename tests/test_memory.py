@@ -221,6 +221,30 @@ def test_host_memory_problem_suggests_less_offload_or_deeper_sleep() -> None:
     assert any("rollout.sleep_level=2" in s or "offload=false" in s for s in p.suggestions)
 
 
+def test_full_ft_offloaded_host_memory_by_hand() -> None:
+    """h800x4's 14B full fine-tune on 4 GPUs, all state offloaded (FSDP2 CPUOffloadPolicy), worked out
+    by hand. Per rank, sharded /4, fp32: master weights 4 B, the KL reference copy 4 B, AdamW m and v
+    8 B, the gradients 4 B during the update; plus the process. A checkpoint gathers the full fp32
+    weights and both Adam states on rank 0's host (12 B per parameter, unsharded)."""
+    c = cfg("model.lora_rank=0", "trainer.param_offload=true", "trainer.optimizer_offload=true",
+            "rollout.sleep_level=2", "algorithm.kl_coef=0.001")
+    p = plan(Q14, c, 4, 80.0, Knobs(gpus_per_node=4))
+    n, gib = 14_770_033_664, 2**30
+    upd = {s.name: s for s in p.stages}["update"]
+    assert upd.total("host") == pytest.approx(n * (4 + 4 + 8 + 4) / 4 / gib + memory.HOST_PROCESS_GIB)  # 74.78
+    sync = {s.name: s for s in p.stages}["sync"]
+    assert sync.total("host") == pytest.approx(n * (4 + 4 + 8) / 4 / gib + memory.HOST_PROCESS_GIB)  # 61.02
+    assert p.checkpoint_host_gib == pytest.approx(n * 12 / gib)  # 165.05
+    # the node's peak: 4 ranks at their sync-stage state + rank 0's gathered checkpoint (409.1 GiB),
+    # more than 4 ranks in the update (299.1 GiB)
+    assert p.host_per_node_gib == pytest.approx(4 * sync.total("host") + n * 12 / gib)
+    assert p.host_per_node_gib == pytest.approx(409.1, abs=0.1)
+    assert not plan(Q14, c, 4, 80.0, Knobs(gpus_per_node=4, host_mem_gib=400.0)).fits
+    # LoRA checkpoints only the adapter and its Adam states
+    lora = plan(Q14, cfg(), 2, 140.0)
+    assert lora.checkpoint_host_gib == pytest.approx(12 * lora_params(Q14, 32) / gib)
+
+
 def test_several_changes_when_no_single_one_fits() -> None:
     c = cfg("trainer.micro_batch_size=8")
     p = plan(Q14, c, 2, 24.0)
