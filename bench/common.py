@@ -238,23 +238,26 @@ def corpus_from(data: str, limit: int = 3000) -> list[str]:
     return texts or list(FALLBACK_CORPUS)
 
 
-def make_shape_dir(path: str | Path, shape: str = "14b", corpus: Iterable[str] | None = None) -> Path:
+def make_shape_dir(path: str | Path, shape: str = "14b", corpus: Iterable[str] | None = None,
+                   layers: int | None = None) -> Path:
     """A model dir without weights: Qwen2 config.json of `shape`, a
     generation_config.json and a byte-level BPE tokenizer (smaller than the
     vocabulary; the ids above it are never fed in, and vLLM decodes them to
     nothing). Weights come from vLLM's load_format="dummy" and the trainer's
-    random init. Reused when already built for the same shape."""
+    random init. `layers` reduces (or grows) the depth at the shape's widths.
+    Reused when already built for the same shape."""
     from grpo_core.tiny import train_tokenizer
 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     path = Path(path)
     marker = path / "bench_shape.txt"
-    if marker.is_file() and marker.read_text().strip() == shape and (path / "config.json").is_file():
+    label = shape if layers is None else f"{shape} layers={layers}"
+    if marker.is_file() and marker.read_text().strip() == label and (path / "config.json").is_file():
         return path
     tok = train_tokenizer(list(corpus) if corpus is not None else FALLBACK_CORPUS, vocab_size=TOKENIZER_VOCAB[shape],
                           full_byte_alphabet=True)
-    s = SHAPES[shape]
+    s = dict(SHAPES[shape], **({} if layers is None else {"num_hidden_layers": int(layers)}))
     config = {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_dropout": 0.0, "hidden_act": "silu",
         "initializer_range": 0.02, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
@@ -270,7 +273,7 @@ def make_shape_dir(path: str | Path, shape: str = "14b", corpus: Iterable[str] |
             {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "transformers_version": "4.43.1"},
             indent=1) + "\n")
         tok.save_pretrained(tmp)
-        (tmp / "bench_shape.txt").write_text(shape + "\n")
+        (tmp / "bench_shape.txt").write_text(label + "\n")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -280,8 +283,9 @@ def make_shape_dir(path: str | Path, shape: str = "14b", corpus: Iterable[str] |
     return path
 
 
-def shape_dir(args, shape: str, data: str = "") -> Path:
-    return make_shape_dir(Path(args.shape_cache) / shape, shape, corpus_from(data))
+def shape_dir(args, shape: str, data: str = "", layers: int | None = None) -> Path:
+    name = shape if layers is None else f"{shape}-{layers}l"
+    return make_shape_dir(Path(args.shape_cache) / name, shape, corpus_from(data), layers)
 
 
 def n_params(path: str | Path) -> int:
@@ -487,13 +491,15 @@ class DeviceMemSampler:
     polled every `interval` s on a daemon thread; `reset()` starts a new
     peak. NVML when importable, else cudaMemGetInfo; process RSS on CPU."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, interval: float = 0.02, host: bool = False) -> None:
         import torch
 
         self.interval = interval
         self._read: Callable[[], float]
         self.source = "rss"
-        if torch.cuda.is_available():
+        if host:  # this process's resident host memory, on any machine
+            self._read = host_rss_gib
+        elif torch.cuda.is_available():
             try:
                 import pynvml
 
@@ -542,6 +548,63 @@ class DeviceMemSampler:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _proc_status_gib(key: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024 / GIB  # kB
+    return 0.0
+
+
+def host_rss_gib() -> float:
+    """Resident host memory of this process (pinned buffers included)."""
+    return _proc_status_gib("VmRSS")
+
+
+def host_hwm_gib() -> float:
+    """The process's lifetime peak of resident host memory (VmHWM)."""
+    return _proc_status_gib("VmHWM")
+
+
+class StagePeaks:
+    """A grpo_step(on_stage=...) callback: per stage, seconds and the peaks
+    of torch allocated/reserved, device memory and host RSS (samplers).
+    `begin(name)` / `end()` meter stages outside the step (a checkpoint)."""
+
+    def __init__(self, device: "DeviceMemSampler", host: "DeviceMemSampler") -> None:
+        self.device, self.host = device, host
+        self.stats: dict[str, dict[str, float]] = {}
+        self._current: str | None = None
+        self._t0 = 0.0
+
+    def __call__(self, name: str) -> None:
+        self.end()
+        if name != "end":
+            self.begin(name)
+
+    def begin(self, name: str) -> None:
+        self.end()
+        reset_peak()
+        self.device.reset()
+        self.host.reset()
+        self._current, self._t0 = name, time.perf_counter()
+
+    def end(self) -> None:
+        if self._current is None:
+            return
+        sync()
+        s = self.stats.setdefault(self._current, {"seconds": 0.0, "calls": 0, "peak_allocated_gib": 0.0,
+                                                  "peak_reserved_gib": 0.0, "peak_device_gib": 0.0,
+                                                  "peak_host_gib": 0.0})
+        s["seconds"] += time.perf_counter() - self._t0
+        s["calls"] += 1
+        s["peak_allocated_gib"] = max(s["peak_allocated_gib"], peak_gib("allocated"))
+        s["peak_reserved_gib"] = max(s["peak_reserved_gib"], peak_gib("reserved"))
+        s["peak_device_gib"] = max(s["peak_device_gib"], self.device.peak())
+        s["peak_host_gib"] = max(s["peak_host_gib"], self.host.peak())
+        self._current = None
 
 
 class StageMeter:
