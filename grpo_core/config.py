@@ -189,8 +189,8 @@ def _check_value(tp: Any, value: Any, where: str) -> Any:
         return build(tp, value, where + ".")
     origin = typing.get_origin(tp)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # one item, commas and all (a setup line may hold commas)
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (inner, _ellipsis) = typing.get_args(tp)
@@ -222,7 +222,7 @@ def _parse_scalar(tp: Any, text: str, key: str) -> Any:
     if tp is str:
         return text
     if typing.get_origin(tp) is tuple:
-        return [v.strip() for v in text.split(",") if v.strip()]
+        return _parse_list(text, key)
     if tp is bool:
         low = text.strip().lower()
         if low in ("true", "1", "yes", "on"):
@@ -236,17 +236,37 @@ def _parse_scalar(tp: Any, text: str, key: str) -> Any:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {text!r}") from None
 
 
+def _parse_list(text: str, key: str) -> list[Any]:
+    """A list override: `[...]` is a YAML/JSON list (quote items that hold commas:
+    `["export A=x,y", "module load cuda"]`); any other text is one item, commas and all."""
+    if not text.strip().startswith("["):
+        return [text] if text.strip() else []
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: a value starting with '[' is a YAML list, and this one is not "
+                          f"({str(exc).splitlines()[0]}); write [\"a, b\", \"c\"], or {key}+=LINE for one item") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: a value starting with '[' is a YAML list like [\"a\", \"b\"]; got {text!r} "
+                          f"(one item: {key}+=LINE)")
+    return value
+
+
 def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of `data` with dotted `key=value` overrides applied.
 
     Values are parsed against the field type declared in `cls`, so the same
-    text means the same thing on the command line and in YAML.
+    text means the same thing on the command line and in YAML. A list key
+    takes `key=[...]` (a YAML list), `key=ITEM` (a one-item list) or
+    `key+=ITEM` (appended to the list so far).
     """
     out = _deep_copy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
+        append = key.endswith("+")
+        key = key[:-1] if append else key
         parts = key.strip().split(".")
         tp: Any = cls
         node = out
@@ -261,7 +281,13 @@ def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Sequence[str]
             if depth == len(parts) - 1:
                 if dataclasses.is_dataclass(tp):
                     raise ConfigError(f"override {key!r} names a section; use one of: " + ", ".join(sorted(_field_types(tp))))
-                node[part] = _parse_scalar(tp, text, key)
+                if append:  # one item, verbatim (a shell line may start with `[`)
+                    if typing.get_origin(tp) is not tuple:
+                        raise ConfigError(f"override {key}+=...: '+=' appends to a list key; {key} is {_type_name(tp)}")
+                    before = node.get(part, [])
+                    node[part] = [*([before] if isinstance(before, str) else before), text]
+                else:
+                    node[part] = _parse_scalar(tp, text, key)
             else:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
