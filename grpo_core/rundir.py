@@ -71,7 +71,12 @@ def provenance_tags(run_dir: Path, restarts: int) -> dict[str, str]:
     """Facts that can change between restarts of one run: tags, not params."""
     run_info = read_json(run_dir / "run.json") or {}
     env = os.environ.get
-    return {
+    sweep = run_info.get("sweep") or {}
+    # A sweep's elements: the tag `sweep` groups them (jobs.compare --sweep, the UI's group-by),
+    # `sweep.<key>` says what this one varies.
+    swept = {"sweep": str(sweep["name"]), **{f"sweep.{k}": str(v) for k, v in sweep.get("values", {}).items()}} \
+        if sweep.get("name") else {}
+    return {**swept,
         "profile": str(run_info.get("profile", "")), "slurm_restart_count": str(restarts),
         "slurm_job_id": env("SLURM_JOB_ID", ""), "cluster": env("SLURM_CLUSTER_NAME", "local"),
         "nodelist": env("SLURM_JOB_NODELIST", socket.gethostname()),

@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 from typing import Sequence
 
-from jobs import runs
+from jobs import runs, sweep
 from jobs.runs import JobsError
 
 
@@ -45,11 +45,18 @@ def cancel(run_dir: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.cancel", description="Cancel a GRPO run's job.")
-    p.add_argument("run", help="run name or run dir")
+    p.add_argument("run", help="run or sweep name, or run dir")
     p.add_argument("--runs-dir", help=f"where run dirs live (default: ${runs.RUNS_ENV} or ./runs)")
     args = p.parse_args(argv)
+    root = runs.runs_root(args.runs_dir)
     try:
-        print(cancel(runs.resolve_run(args.run, runs.runs_root(args.runs_dir))))
+        swept = sweep.find(args.run, root)
+        if swept is not None:
+            from jobs import sweep_cli
+
+            print("\n".join(sweep_cli.cancel(swept)))
+            return 0
+        print(cancel(runs.resolve_run(args.run, root)))
     except JobsError as exc:
         runs.fail(str(exc))
     return 0

@@ -2,6 +2,7 @@
 
     python -m jobs.compare RUN [RUN ...]          run names, run dirs or MLflow run ids
     python -m jobs.compare --experiment grpo --last 3 [--where "params.rollout.n = '8'"]
+    python -m jobs.compare --sweep NAME             every run of a sweep
     options: --tracking-uri URI, --format table|csv|json, --out DIR, --no-plots
 
 Tracking URI: --tracking-uri, else the run dir's status.json, else
@@ -132,12 +133,21 @@ def resolve_token(client: Any, token: str, experiment_ids: list[str]) -> Any:
 def collect_runs(client: Any, args: argparse.Namespace) -> list[Any]:
     exp_ids = [_experiment_id(client, args.experiment)] if args.experiment else _all_experiment_ids(client)
     runs = [resolve_token(client, t, exp_ids) for t in args.runs]
+    if args.sweep:  # the elements carry the tag `sweep` (grpo_core/rundir.py)
+        name = args.sweep.replace("'", "\\'")
+        found = client.search_runs(exp_ids, f"tags.sweep = '{name}'", max_results=1000,
+                                   order_by=["attributes.start_time ASC"])
+        if not found:
+            raise CompareError(f"no MLflow runs tagged sweep={args.sweep} (not started yet, or another "
+                               "--tracking-uri/--experiment?)")
+        runs += found
     if args.last or args.where:
         limit = args.last or 1000
         runs += client.search_runs(exp_ids, args.where or "", max_results=limit,
                                    order_by=["attributes.start_time DESC"])
     if not runs:
-        raise CompareError("nothing to compare: give RUN names, run dirs or ids, or --experiment NAME --last K")
+        raise CompareError("nothing to compare: give RUN names, run dirs or ids, --sweep NAME, "
+                           "or --experiment NAME --last K")
     unique = list({r.info.run_id: r for r in runs}.values())
     experiments = {r.info.experiment_id for r in unique}
     if len(experiments) > 1:
@@ -270,6 +280,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("runs", nargs="*", metavar="RUN", help="run name, run dir or MLflow run id")
     p.add_argument("--experiment", help="MLflow experiment to search (default: all)")
     p.add_argument("--last", type=int, default=0, metavar="K", help="add the K most recent runs")
+    p.add_argument("--sweep", metavar="NAME", help="add every run of a sweep (jobs.submit --sweep)")
     p.add_argument("--where", default="", help="MLflow filter, e.g. \"params.rollout.n = '8'\"")
     p.add_argument("--tracking-uri", help="default: run dir's status.json, $MLFLOW_TRACKING_URI, runs/mlflow.db")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -282,7 +293,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    uri = pick_tracking_uri(args.tracking_uri, args.runs)
+    tokens = list(args.runs)
+    if args.sweep and (runs_root() / args.sweep / "sweep.json").is_file():  # its elements know the URI
+        elements = json.loads((runs_root() / args.sweep / "sweep.json").read_text()).get("elements", [])
+        tokens += [str(runs_root() / e["name"]) for e in elements]
+    uri = pick_tracking_uri(args.tracking_uri, tokens)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise CompareError(f"no MLflow database at {uri[len('sqlite:///'):]}")  # MLflow would create one
     quiet_http_env()

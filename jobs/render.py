@@ -100,6 +100,24 @@ def render_sbatch(profile: Profile, run: RunSpec) -> str:
     )
 
 
+def array_parameters(count: int, max_parallel: int) -> dict[str, Any]:
+    """What submitit's batch submission adds for `count` jobs: --array=0-(count-1)%max_parallel.
+
+    One job is no array (submitit submits it plainly); 0 = no throttle."""
+    if count < 2:
+        return {}
+    return {"map_count": count, "array_parallelism": max_parallel or count}
+
+
+def render_array(profile: Profile, run: RunSpec, count: int, max_parallel: int = 0) -> str:
+    """The job-array script of a sweep (`run` is the sweep's folder): what
+    `executor.batch()` submits for `count` elements, byte for byte."""
+    return submitit_slurm._make_sbatch_string(
+        command=submitit_command(profile, run), folder=run.slurm_dir, **submitit_parameters(profile, run),
+        **array_parameters(count, max_parallel),
+    )
+
+
 def render_local(profile: Profile, run: RunSpec) -> str:
     setup = "\n".join(setup_lines(profile, run))
     text = _env().get_template("local.sh.j2").render(setup=setup, run=run, python=python_command(profile, run))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from grpo_core.config import ConfigError
-from jobs import runs
+from jobs import runs, sweep
 from jobs.profiles import Profile, load_resolved
 from jobs.render import RunSpec
 from jobs.runs import JobsError
@@ -52,15 +52,23 @@ def resubmit(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Profile, Run
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.resubmit", description="Resume a GRPO run from its newest checkpoint.")
-    p.add_argument("run", help="run name or run dir")
+    p.add_argument("run", help="run or sweep name, or run dir (a sweep: its stopped, failed and cancelled elements)")
     p.add_argument("overrides", nargs="*", metavar="cluster.KEY=VALUE", help="e.g. cluster.time_min=600")
     p.add_argument("--runs-dir", help=f"where run dirs live (default: ${runs.RUNS_ENV} or ./runs)")
     p.add_argument("--follow", dest="follow", action="store_true", default=None,
                    help="stream progress until the job ends (default for local runs)")
     p.add_argument("--no-follow", dest="follow", action="store_false")
     args = p.parse_args(argv)
+    root = runs.runs_root(args.runs_dir)
     try:
-        run_dir = runs.resolve_run(args.run, runs.runs_root(args.runs_dir))
+        swept = sweep.find(args.run, root)
+        if swept is not None:
+            from jobs import sweep_cli
+
+            print("\n".join(sweep_cli.resubmit(swept, args.overrides)))
+            follow = args.follow if args.follow is not None else sweep.read(swept).get("launcher") == "local"
+            return sweep_cli.follow_sweep(swept) if follow else 0
+        run_dir = runs.resolve_run(args.run, root)
         profile, run, info = resubmit(run_dir, args.overrides)
     except (JobsError, ConfigError) as exc:
         runs.fail(str(exc))

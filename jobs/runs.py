@@ -182,6 +182,8 @@ def derive_state(info: dict[str, Any], status: dict[str, Any], sched: str) -> st
     trainer = status.get("state")
     if trainer == "finished":
         return "finished"
+    if sched == "NONE":  # a sweep's element that a local runner has not started yet
+        return "cancelled" if info.get("cancel_requested") else "pending"
     if sched in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
         return "requeued" if trainer in ("preempted", "running") else "pending"
     if sched in ACTIVE:
@@ -199,7 +201,8 @@ def log_path(info: dict[str, Any], run_dir: Path) -> str:
     job = last_job(info)
     if info.get("launcher") == "local":
         return str(run_dir / "local.log")
-    return str(run_dir / "slurm" / f"{job.get('id', '%j')}_0_log.out")
+    # A sweep's elements log into the sweep's submitit folder (<array>_<index>_0_log.out).
+    return str(Path(job.get("slurm_dir") or run_dir / "slurm") / f"{job.get('id', '%j')}_0_log.out")
 
 
 def view(run_dir: Path) -> RunView:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from grpo_core import progress
-from jobs import runs
+from jobs import runs, sweep, sweep_cli
 from jobs.runs import JobsError, RunView
 
 DONE = ("finished", "stopped", "cancelled", "failed")
@@ -176,7 +176,7 @@ def follow(run_dir: Path, poll_s: float | None = None, out: Any = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.status", description="Show the state of GRPO runs.")
-    p.add_argument("run", nargs="?", help="run name or run dir (default: all recent runs)")
+    p.add_argument("run", nargs="?", help="run or sweep name, or run dir (default: all recent runs)")
     p.add_argument("--runs-dir", help=f"where run dirs live (default: ${runs.RUNS_ENV} or ./runs)")
     p.add_argument("--limit", type=int, default=20, help="how many recent runs to list")
     p.add_argument("--follow", action="store_true", help="stream the run's progress until it ends")
@@ -184,6 +184,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     root = runs.runs_root(args.runs_dir)
     try:
+        swept = sweep.find(args.run, root) if args.run else None
+        if swept is not None:  # a sweep: its elements as a table
+            if args.follow:
+                return sweep_cli.follow_sweep(swept)
+            if args.json:
+                print(json.dumps([{**v.__dict__, "run_dir": str(v.run_dir)}
+                                  for v in map(runs.view, sweep.element_dirs(swept))], indent=2))
+            else:
+                sweep_cli.print_sweep(swept)
+            return 0
         if args.run:
             run_dir = runs.resolve_run(args.run, root)
             if args.follow:
@@ -199,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_one(views[0])
     elif views:
         print_table(views)
+        for line in sweep_cli.summary_lines(root, args.limit):
+            print(line)
     else:
         print(f"no runs under {root}")
     return 0

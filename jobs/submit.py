@@ -155,7 +155,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="stream progress until the job ends (default for the local profile)")
     p.add_argument("--no-follow", dest="follow", action="store_false")
     p.add_argument("--list-profiles", action="store_true", help="list the profiles, one line each")
-    return p.parse_args(argv)
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                   help="train key and its values (e.g. optim.lr=1e-5,3e-5); repeat for a grid: the cartesian "
+                        "product is one Slurm job array, each element its own run (jobs/sweep.py)")
+    p.add_argument("--sweep-name", help="the sweep's name (default: <profile>-sweep-<timestamp>); "
+                                        "its runs are NAME-0, NAME-1, ...")
+    p.add_argument("--max-parallel", type=int, default=0, metavar="N",
+                   help="at most N elements of the array at once (sbatch --array=...%%N; default: all)")
+    args = p.parse_args(argv)
+    if not args.sweep and (args.sweep_name or args.max_parallel):
+        p.error("--sweep-name and --max-parallel go with --sweep")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,6 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_profiles:
         print_profiles()
         return 0
+    if args.sweep:
+        from jobs import sweep_cli
+
+        try:
+            return sweep_cli.submit(args)
+        except (ConfigError, JobsError) as exc:
+            runs.fail(str(exc))
     try:
         profile = load_profile(args.profile, args.overrides)
         root = runs.runs_root(args.runs_dir)
