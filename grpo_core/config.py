@@ -8,7 +8,9 @@ keys and wrong types with one line that names the valid keys. Dotted
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,6 +20,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; its message is one line."""
+
+
+# The dotted key a message starts with ("unknown key 'a.b'", "a.b: expected", "a.b=3 must"),
+# to point at its line in the YAML file it came from.
+_MESSAGE_KEY = re.compile(r"^(?:unknown key ')?([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)+)")
 
 
 @dataclass(frozen=True)
@@ -299,6 +306,13 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
 
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return ConfigError(f"{where}: not valid YAML: {problem}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -306,10 +320,65 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise _yaml_error(path, exc) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+def yaml_lines(path: str | Path) -> dict[str, int]:
+    """Dotted key -> its 1-based line in the file ({} if unreadable)."""
+    try:
+        root = yaml.compose(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = f"{prefix}{key.value}"
+                lines.setdefault(name, key.start_mark.line + 1)
+                walk(value, name + ".")
+
+    walk(root, "")
+    return lines
+
+
+def locate(message: str, files: Sequence[tuple[str | Path, str]], overridden: Sequence[str] = ()) -> str:
+    """`message` prefixed with "file:line: " of the key it names, if a file sets that key
+    (or with "override: " when the command line set it).
+
+    `files`: (path, prefix its keys get), most specific first (a profile before what it extends).
+    """
+    match = _MESSAGE_KEY.match(message)
+    if not match:
+        return message
+    key = match.group(1)
+    if any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overridden):
+        return f"override: {message}"
+    for path, prefix in files:
+        lines = yaml_lines(path)
+        for candidate in (key, key.rsplit(".", 1)[0]):
+            if prefix + candidate in lines or (not prefix and candidate in lines):
+                return f"{path}:{lines[prefix + candidate]}: {message}"
+    return message
+
+
+def has_control_chars(text: str) -> bool:
+    """Newlines, tabs, escapes, other control/format characters: never part of a value."""
+    return any(unicodedata.category(ch)[0] == "C" for ch in text)
+
+
+def check_text(data: Mapping[str, Any], prefix: str = "") -> None:
+    """Reject control characters in every string value: a newline would end a line
+    of the job script (a new command, a new #SBATCH directive)."""
+    for key, value in flatten(data).items():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, str) and has_control_chars(item):
+                raise ConfigError(f"{prefix}{key}={item!r}: control characters (newline, tab, ...) are not allowed")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -329,7 +398,8 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks that types alone cannot express."""
-    t = cfg.trainer
+    t, a = cfg.trainer, cfg.algorithm
+    check_text(to_dict(cfg))
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -347,6 +417,38 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}={value} must be >= 1")
     if cfg.checkpoint.walltime_margin_s < 0:
         raise ConfigError(f"checkpoint.walltime_margin_s={cfg.checkpoint.walltime_margin_s} must be >= 0")
+    r, o, m, d, c = cfg.rollout, cfg.optim, cfg.model, cfg.data, cfg.checkpoint
+    for key, value in flatten(to_dict(cfg)).items():
+        if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}={value} must be a finite number")
+    at_least = {  # key: (value, lowest allowed)
+        "rollout.val_max_tokens": (r.val_max_tokens, 1), "rollout.max_num_seqs": (r.max_num_seqs, 1),
+        "rollout.tensor_parallel_size": (r.tensor_parallel_size, 1), "data.max_prompt_tokens": (d.max_prompt_tokens, 1),
+        "data.synthetic_max_sum": (d.synthetic_max_sum, 1), "data.synthetic_train_size": (d.synthetic_train_size, 1),
+        "data.synthetic_test_size": (d.synthetic_test_size, 1), "model.tiny_hidden": (m.tiny_hidden, 1),
+        "model.tiny_layers": (m.tiny_layers, 1), "model.lora_rank": (m.lora_rank, 0),
+        "model.lora_alpha": (m.lora_alpha, 1), "checkpoint.every": (c.every, 0), "checkpoint.keep": (c.keep, 1),
+        "trainer.val_every": (t.val_every, 0), "trainer.val_prompts": (t.val_prompts, 0),
+        "trainer.num_threads": (t.num_threads, 0), "trainer.seed": (t.seed, 0), "optim.warmup_steps": (o.warmup_steps, 0),
+        "optim.weight_decay": (o.weight_decay, 0), "optim.grad_clip": (o.grad_clip, 0),
+        "algorithm.clip_low": (a.clip_low, 0), "algorithm.clip_high": (a.clip_high, 0),
+        "algorithm.kl_coef": (a.kl_coef, 0), "algorithm.entropy_coef": (a.entropy_coef, 0),
+    }
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise ConfigError(f"{key}={value} must be >= {low}")
+    above_zero = {"optim.lr": o.lr, "optim.eps": o.eps, "rollout.temperature": r.temperature,
+                  "rollout.cpu_kv_cache_gib": r.cpu_kv_cache_gib, "algorithm.adv_eps": a.adv_eps}
+    for key, value in above_zero.items():
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    fractions = {"rollout.top_p": (r.top_p, False), "rollout.gpu_memory_utilization": (r.gpu_memory_utilization, False),
+                 "optim.beta1": (o.beta1, True), "optim.beta2": (o.beta2, True)}
+    for key, (value, zero_ok) in fractions.items():
+        if not ((0 <= value if zero_ok else 0 < value) and (value < 1 if zero_ok else value <= 1)):
+            raise ConfigError(f"{key}={value} must be in {'[0, 1)' if zero_ok else '(0, 1]'}")
+    if a.advantage_sign not in (1.0, -1.0):
+        raise ConfigError(f"algorithm.advantage_sign={a.advantage_sign}; valid values: 1, -1")
     if t.logprob_micro_batch_size < 0:
         raise ConfigError(f"trainer.logprob_micro_batch_size={t.logprob_micro_batch_size} must be >= 0 "
                           "(0: the same as trainer.micro_batch_size)")
@@ -371,4 +473,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """YAML file (or nothing) + overrides -> validated TrainConfig."""
     data = read_yaml(path) if path else {}
-    return validate(build(TrainConfig, apply_overrides(TrainConfig, data, overrides)))
+    try:
+        return validate(build(TrainConfig, apply_overrides(TrainConfig, data, overrides)))
+    except ConfigError as exc:
+        keys = [item.partition("=")[0].strip() for item in overrides]
+        raise ConfigError(locate(str(exc), [(path, "")] if path else [], keys)) from None

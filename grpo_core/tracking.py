@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from grpo_core.config import TrackingConfig
+from grpo_core.secrecy import looks_secret, secret_in
 
 STEP_KEY = "step"  # sentinel metric logged last in every step: MLflow's last step on resume
 MAX_BUFFERED_VALUES = 200_000  # metric values kept while the server is away (~tens of MB)
@@ -33,9 +34,7 @@ _STATUSES = ("FINISHED", "KILLED", "FAILED")
 # training runs with metric charts.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-# Matched against the words of a key, not substrings: "rollout.max_tokens" is not a secret.
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")  # one bad name would sink a whole batch
-_SECRET_WORD = re.compile(r"(token|password|passwd|secrets?|key|credentials?)$")
 
 
 def quiet_http_env() -> None:
@@ -52,12 +51,6 @@ def quiet_http_env() -> None:
         ("MLFLOW_HTTP_REQUEST_TIMEOUT", "2"),
     ):
         os.environ.setdefault(name, value)
-
-
-def looks_secret(key: str) -> bool:
-    """True for keys like HF_TOKEN, db.password, aws_secret_access_key, apiKey."""
-    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
-    return any(_SECRET_WORD.search(w) for w in words if w)
 
 
 def default_tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
@@ -111,7 +104,8 @@ class Tracker:
         quiet_http_env()
         self._cfg = cfg
         self._run_name = cfg.run_name or self.run_dir.name
-        self._params = {k: str(v)[:_PARAM_VAL_MAX] for k, v in params.items() if not looks_secret(k)}
+        self._params = {k: str(v)[:_PARAM_VAL_MAX] for k, v in params.items()
+                        if not looks_secret(k) and not secret_in(str(v))}
         self._tags: dict[str, str] = {}
         self._steps: list[tuple[int, list[Any]]] = []  # (step, [Metric]) not yet sent, in order
         self._n_buffered = 0
@@ -161,7 +155,8 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self.active:
             return
-        self._tags.update({str(k): str(v)[:_TAG_VAL_MAX] for k, v in tags.items() if not looks_secret(str(k))})
+        self._tags.update({str(k): str(v)[:_TAG_VAL_MAX] for k, v in tags.items()
+                           if not looks_secret(str(k)) and not secret_in(str(v))})
         self._flush()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

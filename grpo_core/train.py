@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -25,6 +24,8 @@ import torch
 import yaml
 
 from . import algorithm, checkpoint, config, distributed, rundir
+from .cli import ArgumentParser
+from .exitcodes import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_OK, EXIT_PREEMPTED
 from .batch import RolloutBatch, pack
 from .config import ConfigError, TrainConfig
 from .data import DataError, PromptSampler
@@ -37,7 +38,6 @@ from .setup import ModelPathError, load_task, resolve_model
 from .tracking import Tracker
 from .walltime import WalltimeGuard, job_end_time
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved, ask to be run again
 TIMING_KEYS = ("time_rollout", "time_reference", "time_update", "time_sync", "time_step", "tokens_per_s", "time_validation")
 
 
@@ -354,7 +354,7 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
         rundir.write_status(
             run_dir, state="running", step=tr.state.step, total_steps=cfg.trainer.total_steps, restarts=restarts,
             mlflow_run_id=tracker.run_id, mlflow_tracking_uri=tracker.tracking_uri,
-            latest_checkpoint=str(latest) if latest else None,
+            latest_checkpoint=str(latest) if latest else None, error=None, exit_code=None,
         )
     status = "finished"
     preemption = preemption or Preemption()  # the walltime guard requests through it too
@@ -404,7 +404,7 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m grpo_core.train", description="GRPO training run (resumes from RUN_DIR's newest checkpoint).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="overrides: dotted keys, e.g. rollout.n=8 optim.lr=1e-5 trainer.run_dir=runs/x\n\n"
@@ -423,10 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, preemption=Preemption.install())
     except (ConfigError, DataError, ModelPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # e.g. a full disk while writing the run dir
+        print(f"error: {exc.filename or 'run dir'}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     finally:
         distributed.shutdown()
-    return EXIT_PREEMPTED if result.status == "preempted" else 0
+    return EXIT_PREEMPTED if result.status == "preempted" else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ checkpoint when SIGTERM arrives does not requeue itself afterwards.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 from pathlib import Path
 from typing import Sequence
 
+from grpo_core.cli import ArgumentParser
 from jobs import runs, sweep
 from jobs.runs import JobsError
 
@@ -44,7 +44,7 @@ def cancel(run_dir: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.cancel", description="Cancel a GRPO run's job.")
+    p = ArgumentParser(prog="python -m jobs.cancel", description="Cancel a GRPO run's job.")
     p.add_argument("run", help="run or sweep name, or run dir")
     p.add_argument("--runs-dir", help=f"where run dirs live (default: ${runs.RUNS_ENV} or ./runs)")
     args = p.parse_args(argv)
@@ -57,8 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(sweep_cli.cancel(swept)))
             return 0
         print(cancel(runs.resolve_run(args.run, root)))
-    except JobsError as exc:
-        runs.fail(str(exc))
+    except (JobsError, OSError) as exc:
+        runs.fail_on(exc)
     return 0
 
 

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from grpo_core.cli import ArgumentParser
+from grpo_core.cli import fail as cli_fail
+from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED
 from grpo_core.tracking import STEP_KEY, quiet_http_env
 
 PLOTS = {  # file stem -> (metric, y label)
@@ -40,7 +43,7 @@ RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 class CompareError(Exception):
-    def __init__(self, message: str, code: int = 2) -> None:
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
         super().__init__(message)
         self.code = code
 
@@ -276,7 +279,7 @@ def plot(runs: list[RunData], out_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------- main
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.compare", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m jobs.compare", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="*", metavar="RUN", help="run name, run dir or MLflow run id")
     p.add_argument("--experiment", help="MLflow experiment to search (default: all)")
     p.add_argument("--last", type=int, default=0, metavar="K", help="add the K most recent runs")
@@ -310,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     except MlflowException as exc:
         if exc.get_http_status_code() < 500:
             raise CompareError(f"MLflow at {uri}: {_first_line(exc)}") from None
-        raise CompareError(f"MLflow tracking server at {uri} does not answer ({_first_line(exc)})", 1) from None
+        raise CompareError(f"MLflow tracking server at {uri} does not answer ({_first_line(exc)})", EXIT_FAILED) from None
     print(render(runs, args.format))
     if not args.no_plots:
         out = args.out or Path(f"compare-{dt.datetime.now():%Y%m%d-%H%M%S}")
@@ -327,8 +330,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    raise SystemExit(code)
+    cli_fail(message, code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompareError as exc:
         fail(str(exc), exc.code)
     except Exception as exc:  # noqa: BLE001 - e.g. a bad --where; one line, no traceback
-        fail(f"{type(exc).__name__}: {_first_line(exc)}", 1)
+        fail(f"{type(exc).__name__}: {_first_line(exc)}", EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 
 from submitit.helpers import DelayedSubmission
 
-EXIT_PREEMPTED = 75  # the trainer CLI's code for "stopped after saving a checkpoint"
+from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
 
 def _log(message: str) -> None:
@@ -40,6 +40,34 @@ def _cancel_requested(run_dir: Path) -> bool:
         return bool(read_json(run_dir / "run.json").get("cancel_requested"))
     except Exception:  # noqa: BLE001 - an unreadable marker must not stop a requeue
         return False
+
+
+def failure_code(exc: BaseException) -> int:
+    from grpo_core.config import ConfigError
+    from grpo_core.data import DataError
+    from grpo_core.setup import ModelPathError
+
+    if isinstance(exc, (ConfigError, DataError, ModelPathError)):
+        return EXIT_BAD_INPUT
+    return EXIT_ENVIRONMENT if isinstance(exc, OSError) else EXIT_FAILED
+
+
+def failure_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if failure_code(exc) == EXIT_BAD_INPUT else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def _record_failure(run_dir: Path, exc: BaseException) -> None:
+    """The reason goes into status.json, so jobs.status and a following jobs.submit can say it."""
+    if _rank() != 0:
+        return
+    from grpo_core import rundir
+
+    try:
+        rundir.write_status(run_dir, state="failed", error=failure_line(exc), exit_code=failure_code(exc))
+    except OSError:
+        pass  # e.g. the disk is full: the log still has the reason
 
 
 def _rank() -> int:
@@ -73,10 +101,14 @@ class Launch:
             _log("run was cancelled (jobs.cancel); not training. Resume with: python -m jobs.resubmit "
                  + run_dir.name)
             return {"status": "cancelled"}
-        cfg = load(run_dir / "train.yaml")
-        flag = Preemption.install()
-        # The trainer tags the MLflow run with SLURM_RESTART_COUNT and SLURM_JOB_ID itself.
-        result = train(cfg, preemption=flag)
+        try:
+            cfg = load(run_dir / "train.yaml")
+            flag = Preemption.install()
+            # The trainer tags the MLflow run with SLURM_RESTART_COUNT and SLURM_JOB_ID itself.
+            result = train(cfg, preemption=flag)
+        except Exception as exc:
+            _record_failure(run_dir, exc)
+            raise
         summary = {"status": result.status, "step": result.step, "mlflow_run_id": result.mlflow_run_id}
         if result.status != "preempted":
             return summary
@@ -97,15 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m jobs.launch RUN_DIR", file=sys.stderr)
-        return 2
-    from grpo_core.config import ConfigError
-
+        return EXIT_BAD_INPUT
     try:
         summary = Launch(str(Path(args[0]).absolute()))()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return EXIT_PREEMPTED if summary.get("status") == "preempted" else 0
+    except Exception as exc:
+        if failure_code(exc) == EXIT_FAILED:
+            raise  # a bug: the traceback belongs in the log
+        print(f"error: {failure_line(exc)}", file=sys.stderr)
+        return failure_code(exc)
+    return EXIT_PREEMPTED if summary.get("status") == "preempted" else EXIT_OK
 
 
 if __name__ == "__main__":

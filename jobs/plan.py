@@ -17,11 +17,13 @@ import sys
 from typing import Any, Sequence
 
 from grpo_core import memory
+from grpo_core.cli import ArgumentParser, fail
 from grpo_core.config import ConfigError, load
+from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m jobs.plan", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m jobs.plan", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--profile", help="cluster profile name or path (jobs.profiles)")
     src.add_argument("--config", help="plain TrainConfig YAML (use with --gpus)")
@@ -95,11 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              gpus_per_node=per_node,
                              host_mem_gib=host_gib)
         p = memory.plan(shape, cfg, gpus, args.gpu_mem_gib, knobs, name=name)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"plan: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, ValueError, OSError) as exc:
+        fail(f"plan: {exc}", EXIT_BAD_INPUT)
     print(json.dumps(p.to_dict(), indent=1) if args.json else format_plan(p))
-    return 0 if p.fits else 1
+    return EXIT_OK if p.fits else EXIT_FAILED
 
 
 if __name__ == "__main__":

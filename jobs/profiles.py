@@ -20,7 +20,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from grpo_core.config import ConfigError, TrainConfig, apply_overrides, build, read_yaml, to_dict, validate
+from grpo_core.config import (ConfigError, TrainConfig, apply_overrides, build, check_text, locate, read_yaml,
+                              to_dict, validate, yaml_lines)
+from grpo_core.secrecy import looks_secret, secret_in
 
 # Package data: in the checkout and in an installed wheel alike (a wheel is
 # installed as plain files, so the Traversable is a real folder).
@@ -35,10 +37,13 @@ SUBMITIT_OWNED = ("output", "error", "open-mode", "signal", "array")
 HAS_FIELD = {"partition": "partition", "account": "account", "qos": "qos", "nodes": "nodes", "time": "time_min",
              "mem": "mem", "cpus-per-task": "cpus_per_task", "gpus-per-node": "gpus_per_node",
              "ntasks-per-node": "tasks_per_node", "job-name": "<the run name>"}
-# Names that hold credentials: they stay in the submitting environment (Slurm
-# exports it to the job) and never enter a profile, a script or MLflow.
-SECRET_WORDS = r"(?:TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)"
-SECRET_RE = re.compile(rf"(?:^|_){SECRET_WORDS}(?:_|$)", re.IGNORECASE)  # HF_TOKEN, not TOKENIZERS_...
+# Values sbatch reads from "#SBATCH --key=value" lines, where nothing can be
+# quoted: a space, quote or '#' would cut or change the directive.
+SBATCH_VALUE_RE = re.compile(r"^[^\s\"'\\#]+$")
+SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9_.,:+@-]*$")  # partition, account, qos (lists are comma-separated)
+SLURM_MEM_RE = re.compile(r"^(?:\d+[KMGTkmgt]?)?$")  # sbatch --mem: 200G, 500000M, 64000 (MiB)
+# The run dir lands unquoted in submitit's "#SBATCH --output=DIR/%j_0_log.out" (and % is a pattern there).
+SLURM_PATH_RE = re.compile(r"^[A-Za-z0-9_./+@:,=~-]+$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SBATCH_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 MAPPING_FIELDS = ("env", "sbatch")  # YAML mappings, stored as ("KEY=VALUE", ...)
@@ -60,9 +65,9 @@ class ClusterConfig:
     time_min: int = 60  # whole minutes: submitit writes --time from an int
     signal_lead_s: int = 300  # USR2 this long before the time limit: enough to checkpoint
     max_requeues: int = 100  # submitit's own timeout countdown, for signals before the trainer starts
-    python: str = ""  # interpreter on the compute nodes; "" = the one running jobs.submit
+    python: str = ""  # interpreter path on the compute nodes (one word, quoted); "" = the one running jobs.submit
     workdir: str = ""  # the job cds here; "" = the directory jobs.submit ran in
-    setup: tuple[str, ...] = ()  # shell lines run before the trainer (module load ...); trusted as code
+    setup: tuple[str, ...] = ()  # shell lines run before the trainer (module load ...); code by design, not quoted
     env: tuple[str, ...] = ()  # KEY=VALUE, exported (quoted) in the script; one entry: cluster.env.KEY=VALUE
     sbatch: tuple[str, ...] = ()  # extra sbatch options: key=value, or a bare flag; one: cluster.sbatch.KEY=VALUE
 
@@ -174,15 +179,19 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The file's data merged over its `extends:` chain (without `extends`)."""
+def _read_raw(path: Path, seen: tuple[Path, ...] = (), files: list[Path] | None = None) -> dict[str, Any]:
+    """The file's data merged over its `extends:` chain (without `extends`); `files` collects the chain."""
     path = path.resolve()
     if path in seen:
-        raise ConfigError(f"profile {path.stem}: extends cycle: {' -> '.join(p.stem for p in seen + (path,))}")
+        raise ConfigError(f"{seen[-1]}: extends cycle: {' -> '.join(p.stem for p in seen + (path,))}")
     data = read_yaml(path)
+    if files is not None:
+        files.append(path)
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
-        raise ConfigError(f"profile {path.stem}: unknown key '{unknown[0]}'; valid keys under '<top>': {', '.join(TOP_KEYS)}")
+        line = yaml_lines(path).get(unknown[0])
+        raise ConfigError(f"{path}{f':{line}' if line else ''}: unknown key '{unknown[0]}'; "
+                          f"valid keys under '<top>': {', '.join(TOP_KEYS)}")
     for part in ("cluster", "train"):
         if not isinstance(data.get(part, {}), Mapping):
             raise ConfigError(f"profile {path.stem}: '{part}' must be a mapping")
@@ -191,7 +200,7 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(parent, str) or not parent:
         raise ConfigError(f"profile {path.stem}: 'extends' must be a profile name or path")
-    base = _read_raw(find_profile(parent, relative_to=path.parent, skip=seen + (path,)), seen + (path,))
+    base = _read_raw(find_profile(parent, relative_to=path.parent, skip=seen + (path,)), seen + (path,), files)
     base.pop("description", None)  # a description belongs to one file
     return deep_merge(base, data)
 
@@ -242,17 +251,27 @@ def _check_cluster(c: ClusterConfig, train: TrainConfig) -> None:
     if c.signal_lead_s > min(65535, c.time_min * 60 // 2):
         raise ConfigError(f"cluster.signal_lead_s={c.signal_lead_s} must be at most half of cluster.time_min "
                           f"({c.time_min} min) and <= 65535")
+    for key, pattern, what in (("partition", SLURM_NAME_RE, "letters, digits and _.,:+@-"),
+                               ("account", SLURM_NAME_RE, "letters, digits and _.,:+@-"),
+                               ("qos", SLURM_NAME_RE, "letters, digits and _.,:+@-"),
+                               ("mem", SLURM_MEM_RE, "a number with an optional K, M, G or T (e.g. 200G)")):
+        if not pattern.match(getattr(c, key)):
+            raise ConfigError(f"cluster.{key}={getattr(c, key)!r}: sbatch cannot take that; use {what}")
     for item in c.env:
         key, sep, _ = item.partition("=")
         if not sep or not ENV_KEY_RE.match(key):
             raise ConfigError(f"cluster.env: {item!r} is not NAME=VALUE with a shell variable name")
-        if SECRET_RE.search(key):
+        if looks_secret(key):
             raise ConfigError(f"cluster.env.{key} looks like a secret: keep it in your environment "
                               "(Slurm passes it to the job); profiles and scripts never hold secrets")
     for line in c.setup:
-        if any(SECRET_RE.search(name) for name in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", line)):
+        if any(looks_secret(name) for name in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", line)):
             raise ConfigError("cluster.setup sets what looks like a secret: keep it in your environment "
                               "(Slurm passes it to the job); profiles and scripts never hold secrets")
+    for key, value in c.sbatch_map().items():
+        if value is not True and not SBATCH_VALUE_RE.match(value):
+            raise ConfigError(f"cluster.sbatch.{key}={value!r}: an #SBATCH value cannot hold spaces, quotes, "
+                              "'#' or backslashes")
     for key in c.sbatch_map():
         if not SBATCH_KEY_RE.match(key):
             raise ConfigError(f"cluster.sbatch: {key!r} is not an sbatch option name (like constraint or exclusive)")
@@ -265,14 +284,37 @@ def _check_cluster(c: ClusterConfig, train: TrainConfig) -> None:
     if re.search(r"://[^/@\s]*:[^/@\s]*@", train.tracking.tracking_uri):
         raise ConfigError("train.tracking.tracking_uri holds credentials: use MLFLOW_TRACKING_USERNAME/"
                           "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in your environment instead")
+    for part, values in (("cluster", to_dict(c)), ("train", to_dict(train))):
+        for key, value in _strings(values, part + "."):
+            found = secret_in(value)
+            if found:
+                raise ConfigError(f"{key} holds {found}: keep secrets in your environment, not in a profile")
     gpus = c.nodes * c.gpus_per_node
     if gpus and train.rollout.tensor_parallel_size > gpus:
         raise ConfigError(f"train.rollout.tensor_parallel_size={train.rollout.tensor_parallel_size} exceeds "
                           f"the {gpus} GPU(s) of cluster.nodes x cluster.gpus_per_node")
 
 
-def profile_from_data(name: str, data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "") -> Profile:
-    """Merged profile data + dotted overrides -> a validated Profile."""
+def _override_keys(overrides: Sequence[str]) -> list[str]:
+    return [item.partition("=")[0].strip() for item in overrides]
+
+
+def _strings(data: Mapping[str, Any], prefix: str) -> list[tuple[str, str]]:
+    out = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out += _strings(value, f"{prefix}{key}.")
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, str):
+                out.append((f"{prefix}{key}", item))
+    return out
+
+
+def profile_from_data(name: str, data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "",
+                      files: Sequence[Path] = ()) -> Profile:
+    """Merged profile data + dotted overrides -> a validated Profile.
+
+    `files`: the YAML files it came from, most specific first, so an error names file:line."""
     if not name.isprintable():
         raise ConfigError(f"profile name {name!r}: use printable characters")
     data = dict(data)
@@ -291,10 +333,14 @@ def profile_from_data(name: str, data: Mapping[str, Any], overrides: Sequence[st
                 current = {**current, **entries[fname]}
             cluster[fname] = _mapping_to_items(current, f"cluster.{fname}")
         built = build(_ProfileData, {"cluster": cluster, "train": merged["train"]})
-        validate(built.train)
+        check_text(to_dict(built.cluster), "cluster.")
+        try:
+            validate(built.train)
+        except ConfigError as exc:  # the trainer's keys, as a profile spells them
+            raise ConfigError(f"train.{exc}") from None
         _check_cluster(built.cluster, built.train)
     except ConfigError as exc:
-        raise ConfigError(f"profile {name}: {exc}") from None
+        raise ConfigError(f"profile {name}: {locate(str(exc), [(f, '') for f in files], _override_keys(overrides))}") from None
     if not isinstance(description, str):
         raise ConfigError(f"profile {name}: description must be a string")
     return Profile(name=name, cluster=built.cluster, train=built.train,
@@ -304,7 +350,9 @@ def profile_from_data(name: str, data: Mapping[str, Any], overrides: Sequence[st
 def load_profile(name_or_path: str, overrides: Sequence[str] = ()) -> Profile:
     """Find, merge `extends`, apply overrides, build strictly and validate."""
     path = find_profile(name_or_path)
-    return profile_from_data(path.stem, _read_raw(path), overrides, source=str(path))
+    files: list[Path] = []
+    data = _read_raw(path, files=files)
+    return profile_from_data(path.stem, data, overrides, source=str(path), files=files)
 
 
 def dump_profile(profile: Profile) -> str:
@@ -316,7 +364,7 @@ def load_resolved(path: Path, overrides: Sequence[str] = ()) -> Profile:
     """Read a run dir's profile.yaml back (resubmit)."""
     data = read_yaml(path)
     name = str(data.pop("name", path.stem))
-    return profile_from_data(name, data, overrides, source=str(path))
+    return profile_from_data(name, data, overrides, source=str(path), files=[path])
 
 
 def replace_train(profile: Profile, **sections: Any) -> Profile:

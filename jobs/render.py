@@ -19,8 +19,10 @@ from typing import Any
 import jinja2
 from submitit.slurm import slurm as submitit_slurm
 
-from jobs.profiles import TEMPLATES_DIR, Profile
-from jobs.runs import NAME_RE
+from grpo_core.config import has_control_chars
+from grpo_core.secrecy import secret_in
+from jobs.profiles import SLURM_PATH_RE, TEMPLATES_DIR, Profile
+from jobs.runs import NAME_RE, JobsError
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,16 @@ class RunSpec:
     name: str
     run_dir: str  # absolute
     workdir: str  # absolute; the job cds here
-    python: str = "python3"  # a shell command (already quoted), like submitit's `python`
+    python: str = "python3"  # the interpreter's path (or a name on PATH); quoted where rendered
 
     def __post_init__(self) -> None:
         # The name also lands in a comment line and in #SBATCH --job-name: one plain word.
         if not NAME_RE.match(self.name):
-            raise ValueError(f"run name {self.name!r}: use letters, digits, '.', '_' and '-'")
+            raise JobsError(f"run name {self.name!r}: use letters, digits, '.', '_' and '-' "
+                            "(starting with a letter or digit, at most 128)")
+        for what, value in (("run dir", self.run_dir), ("workdir", self.workdir), ("python", self.python)):
+            if not value or has_control_chars(value):
+                raise JobsError(f"{what} {value!r}: empty or holds control characters (newline, tab, ...)")
 
     @property
     def slurm_dir(self) -> str:
@@ -54,7 +60,15 @@ def _env() -> jinja2.Environment:
 
 
 def python_command(profile: Profile, run: RunSpec) -> str:
-    return profile.cluster.python or run.python
+    """The interpreter as one shell word: a path is data, never code ($(...) stays text)."""
+    return shlex.quote(profile.cluster.python or run.python)
+
+
+def check_run(profile: Profile, run: RunSpec) -> None:
+    """What the template's quoting cannot protect: paths in submitit's #SBATCH lines."""
+    if profile.cluster.launcher == "slurm" and not SLURM_PATH_RE.match(run.slurm_dir):
+        raise JobsError(f"run dir {run.run_dir!r}: sbatch reads it unquoted (#SBATCH --output=...); "
+                        "use a runs folder whose path has only letters, digits and _./+@:,=~-")
 
 
 def setup_lines(profile: Profile, run: RunSpec) -> list[str]:
@@ -93,11 +107,17 @@ def submitit_parameters(profile: Profile, run: RunSpec) -> dict[str, Any]:
 
 def render_sbatch(profile: Profile, run: RunSpec) -> str:
     """The exact script that is submitted (Slurm) or run (local)."""
+    check_run(profile, run)
     if profile.cluster.launcher == "local":
-        return render_local(profile, run)
-    return submitit_slurm._make_sbatch_string(
-        command=submitit_command(profile, run), folder=run.slurm_dir, **submitit_parameters(profile, run)
-    )
+        text = render_local(profile, run)
+    else:
+        text = submitit_slurm._make_sbatch_string(
+            command=submitit_command(profile, run), folder=run.slurm_dir, **submitit_parameters(profile, run)
+        )
+    found = secret_in(text)
+    if found:  # e.g. a path or setup line that spells out a token
+        raise JobsError(f"the job script would hold {found}; keep secrets in the environment only")
+    return text
 
 
 def array_parameters(count: int, max_parallel: int) -> dict[str, Any]:

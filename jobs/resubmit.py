@@ -8,10 +8,10 @@ the training recipe of a run is fixed once it started.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
+from grpo_core.cli import ArgumentParser
 from grpo_core.config import ConfigError
 from jobs import runs, sweep
 from jobs.profiles import Profile, load_resolved
@@ -51,7 +51,7 @@ def resubmit(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Profile, Run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.resubmit", description="Resume a GRPO run from its newest checkpoint.")
+    p = ArgumentParser(prog="python -m jobs.resubmit", description="Resume a GRPO run from its newest checkpoint.")
     p.add_argument("run", help="run or sweep name, or run dir (a sweep: its stopped, failed and cancelled elements)")
     p.add_argument("overrides", nargs="*", metavar="cluster.KEY=VALUE", help="e.g. cluster.time_min=600")
     p.add_argument("--runs-dir", help=f"where run dirs live (default: ${runs.RUNS_ENV} or ./runs)")
@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sweep_cli.follow_sweep(swept) if follow else 0
         run_dir = runs.resolve_run(args.run, root)
         profile, run, info = resubmit(run_dir, args.overrides)
-    except (JobsError, ConfigError) as exc:
-        runs.fail(str(exc))
+    except (JobsError, ConfigError, OSError) as exc:
+        runs.fail_on(exc)
     print_started(profile, run, info)
     follow = args.follow if args.follow is not None else info.get("launcher") == "local"
     if follow:

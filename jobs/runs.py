@@ -13,10 +13,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
+
+from grpo_core import cli
+from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_ENVIRONMENT
 
 RUNS_ENV = "GRPO_RUNS_DIR"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -26,12 +28,23 @@ FAILED = {"FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADL
 
 
 class JobsError(Exception):
-    """A user-facing problem; the CLIs print its one-line message and exit non-zero."""
+    """A user-facing problem; the CLIs print its one-line message and exit with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(code)
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    cli.fail(message, code)
+
+
+def fail_on(exc: BaseException) -> NoReturn:
+    """The one line for an error an entry point expects (bad input, a full disk, ...)."""
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        fail(f"cannot write or read{where}: {exc.strerror or exc}", EXIT_ENVIRONMENT)
+    fail(str(exc), getattr(exc, "code", EXIT_BAD_INPUT))
 
 
 def now_iso() -> str:
@@ -43,12 +56,25 @@ def runs_root(explicit: str | None = None) -> Path:
 
 
 def resolve_run(name_or_path: str, root: Path) -> Path:
-    """A run name under `root`, or a path to a run dir."""
-    for candidate in (root / name_or_path, Path(name_or_path).expanduser()):
+    """A run name under `root`, or a path (with a '/') to a run dir; never a name that leaves `root`."""
+    if NAME_RE.match(name_or_path) and (root / name_or_path / "run.json").is_file():
+        return (root / name_or_path).absolute()
+    if os.sep in name_or_path and not cli_text_bad(name_or_path):
+        candidate = Path(name_or_path).expanduser()
         if (candidate / "run.json").is_file():
             return candidate.absolute()
+        raise JobsError(f"{name_or_path}: not a run dir (no run.json there)")
+    if not NAME_RE.match(name_or_path):
+        raise JobsError(f"run {name_or_path!r}: not a run name (letters, digits, '.', '_', '-') "
+                        "nor a path to a run dir")
     known = ", ".join(p.name for p in recent_runs(root, limit=8)) or "(none)"
     raise JobsError(f"no run '{name_or_path}' under {root}; recent runs: {known}")
+
+
+def cli_text_bad(text: str) -> bool:
+    from grpo_core.config import has_control_chars
+
+    return not text or has_control_chars(text)
 
 
 def recent_runs(root: Path, limit: int = 20) -> list[Path]:
@@ -175,6 +201,8 @@ class RunView:
     mlflow_uri: str | None
     log: str
     eta_s: float | None = None  # the trainer's estimate at its last step
+    error: str | None = None  # the job's one-line reason, when it failed
+    exit_code: int | None = None
 
 
 def derive_state(info: dict[str, Any], status: dict[str, Any], sched: str) -> str:
@@ -220,6 +248,8 @@ def view(run_dir: Path) -> RunView:
         mlflow_run_id=status.get("mlflow_run_id"), mlflow_uri=status.get("mlflow_tracking_uri"),
         log=log_path(info, run_dir),
         eta_s=float(status["eta_s"]) if isinstance(status.get("eta_s"), (int, float)) else None,
+        error=str(status["error"]) if status.get("error") and status.get("state") == "failed" else None,
+        exit_code=status.get("exit_code") if isinstance(status.get("exit_code"), int) else None,
     )
 
 

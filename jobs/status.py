@@ -8,7 +8,6 @@ did not answer).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from grpo_core import progress
+from grpo_core.cli import ArgumentParser
+from grpo_core.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from jobs import runs, sweep, sweep_cli
 from jobs.runs import JobsError, RunView
 
@@ -58,6 +59,8 @@ def print_one(v: RunView) -> None:
     print(f"job:          {v.job_id} ({v.job_state})")
     print(f"run dir:      {v.run_dir}")
     print(f"log:          {v.log}")
+    if v.error:
+        print(f"error:        {v.error}")
     print(f"mlflow:       {v.mlflow_uri or '-'}")
     print(f"              {runs.mlflow_hint(v.mlflow_uri, v.mlflow_run_id)}")
     if v.state in ("stopped", "cancelled", "failed"):
@@ -160,22 +163,24 @@ def follow(run_dir: Path, poll_s: float | None = None, out: Any = None) -> int:
             if v.state in DONE and v.job_state not in runs.ACTIVE:  # the job also closes MLflow: let it
                 print(f"{v.name}: {v.state} at step {_fmt_step(v)}, checkpoint {v.latest_checkpoint or '-'}",
                       file=out, flush=True)
+                if v.error:
+                    print(f"error: {v.error}", file=sys.stderr, flush=True)
                 if v.state != "finished":
                     print(f"resume: python -m jobs.resubmit {v.name}", file=out, flush=True)
-                return 0 if v.state == "finished" else 1
+                return EXIT_OK if v.state == "finished" else v.exit_code or EXIT_FAILED
             time.sleep(poll_s)
         except KeyboardInterrupt:
             info = runs.read_json(run_dir / "run.json")
             if info.get("launcher") != "local" or stopping:
                 print(f"\nstopped following; the job goes on: python -m jobs.status {run_dir.name}", file=out)
-                return 130
+                return EXIT_INTERRUPTED
             stopping = True  # the local trainer: ask it to checkpoint and stop, keep following
             print("\nstopping: the trainer saves a checkpoint first (Ctrl-C again to leave it running)", file=out)
             _stop_local(info)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.status", description="Show the state of GRPO runs.")
+    p = ArgumentParser(prog="python -m jobs.status", description="Show the state of GRPO runs.")
     p.add_argument("run", nargs="?", help="run or sweep name, or run dir (default: all recent runs)")
     p.add_argument("--runs-dir", help=f"where run dirs live (default: ${runs.RUNS_ENV} or ./runs)")
     p.add_argument("--limit", type=int, default=20, help="how many recent runs to list")
@@ -201,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             views = [runs.view(run_dir)]
         else:
             views = [runs.view(d) for d in runs.recent_runs(root, args.limit)]
-    except JobsError as exc:
-        runs.fail(str(exc))
+    except (JobsError, OSError) as exc:
+        runs.fail_on(exc)
     if args.json:
         print(json.dumps([{**v.__dict__, "run_dir": str(v.run_dir)} for v in views], indent=2))
     elif args.run:

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import datetime as dt
 import io
-import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Sequence
 
 import yaml
 
+from grpo_core.cli import ArgumentParser
 from grpo_core.config import ConfigError, to_dict
 from jobs import runs
 from jobs.launch import Launch
@@ -37,12 +37,13 @@ def default_name(profile: str) -> str:
 def prepare(profile: Profile, name: str, root: Path) -> tuple[Profile, RunSpec]:
     """Bind a profile to a run: the trainer writes into the run dir, MLflow names the run after it."""
     if not runs.NAME_RE.match(name):
-        raise JobsError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+        raise JobsError(f"run name {name!r}: use letters, digits, '.', '_' and '-' "
+                        "(starting with a letter or digit, at most 128)")
     run_dir = root / name
     workdir = Path(profile.cluster.workdir or Path.cwd()).expanduser().absolute()
     tracking = {"run_name": profile.train.tracking.run_name or name}
     bound = replace_train(profile, trainer={"run_dir": str(run_dir)}, tracking=tracking)
-    return bound, RunSpec(name=name, run_dir=str(run_dir), workdir=str(workdir), python=shlex.quote(sys.executable))
+    return bound, RunSpec(name=name, run_dir=str(run_dir), workdir=str(workdir), python=sys.executable)
 
 
 def write_run_files(profile: Profile, run: RunSpec) -> None:
@@ -138,7 +139,7 @@ def print_profiles() -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.submit", description="Submit a GRPO training run.",
+    p = ArgumentParser(prog="python -m jobs.submit", description="Submit a GRPO training run.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="keys (KEY = DEFAULT  (TYPE; allowed values)); the profile sets its own "
                                 "values, --show-config prints them:\n\n" + key_reference())
@@ -183,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         profile = load_profile(args.profile, args.overrides)
         root = runs.runs_root(args.runs_dir)
-        profile, run = prepare(profile, args.name or default_name(profile.name), root)
+        profile, run = prepare(profile, default_name(profile.name) if args.name is None else args.name, root)
         if args.show_config:
             sys.stdout.write(dump_profile(profile))
             return 0
@@ -207,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-created
             raise
-    except (ConfigError, JobsError) as exc:
-        runs.fail(str(exc))
+    except (ConfigError, JobsError, OSError) as exc:
+        runs.fail_on(exc)
     print_started(profile, run, info)
     follow = args.follow if args.follow is not None else profile.cluster.launcher == "local"
     if follow:

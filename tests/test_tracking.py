@@ -8,7 +8,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from grpo_core.config import TrackingConfig
-from grpo_core.tracking import STEP_KEY, Tracker, looks_secret
+from grpo_core.secrecy import looks_secret
+from grpo_core.tracking import STEP_KEY, Tracker
 from tests.mlflow_server import MlflowServer, mlflow_server  # noqa: F401 - fixture
 
 WARNING = "not reachable; buffering metrics, will retry"
