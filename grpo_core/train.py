@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shutil
