@@ -179,8 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return sweep_cli.submit(args)
-        except (ConfigError, JobsError) as exc:
-            runs.fail(str(exc))
+        except (ConfigError, JobsError, OSError) as exc:
+            runs.fail_on(exc)
     try:
         profile = load_profile(args.profile, args.overrides)
         root = runs.runs_root(args.runs_dir)
