@@ -114,6 +114,10 @@ def render_sbatch(profile: Profile, run: RunSpec) -> str:
         text = submitit_slurm._make_sbatch_string(
             command=submitit_command(profile, run), folder=run.slurm_dir, **submitit_parameters(profile, run)
         )
+    return _no_secrets(text)
+
+
+def _no_secrets(text: str) -> str:
     found = secret_in(text)
     if found:  # e.g. a path or setup line that spells out a token
         raise JobsError(f"the job script would hold {found}; keep secrets in the environment only")
@@ -132,10 +136,11 @@ def array_parameters(count: int, max_parallel: int) -> dict[str, Any]:
 def render_array(profile: Profile, run: RunSpec, count: int, max_parallel: int = 0) -> str:
     """The job-array script of a sweep (`run` is the sweep's folder): what
     `executor.batch()` submits for `count` elements, byte for byte."""
-    return submitit_slurm._make_sbatch_string(
+    check_run(profile, run)
+    return _no_secrets(submitit_slurm._make_sbatch_string(
         command=submitit_command(profile, run), folder=run.slurm_dir, **submitit_parameters(profile, run),
         **array_parameters(count, max_parallel),
-    )
+    ))
 
 
 def render_local(profile: Profile, run: RunSpec) -> str:
