@@ -40,6 +40,9 @@ GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.75  # per process: CUDA context + cuBLAS workspaces, outside torch's allocator
 NCCL_GIB = 0.5  # NCCL communicator buffers once a process group spans >1 GPU
 FRAGMENTATION = 0.10  # reserved/allocated overhead on the trainer's GPU parts (H200, no expandable_segments: 4-23%)
+# Advice (suggested changes, the KV-cache note) keeps the peak at or below this share of the GPU:
+# the model is within a few percent of measured peaks, and an allocator spike beyond it is an OOM.
+SUGGEST_HEADROOM = 0.95
 VLLM_OVERHEAD_GIB = 1.0  # CUDA graphs + non-torch memory inside vLLM's budget
 VLLM_MAX_BATCHED_TOKENS = 16384  # vLLM's profiling forward sets its activation reserve
 VLLM_SLEEP_RESIDUAL_GIB = 0.5  # what a sleeping engine keeps (graph pools, non-cumem buffers)
@@ -241,6 +244,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    fixes: list[tuple[tuple[str, ...], float]] = field(default_factory=list)  # the suggestions: (changes, peak GiB)
     checkpoint_host_gib: float = 0.0  # rank 0's host, on top of its sync-stage host state, while saving/loading
 
     @property
@@ -449,6 +453,11 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     return plan
 
 
+def _roomy(p: Plan) -> bool:
+    """Fits with SUGGEST_HEADROOM: what advice may propose."""
+    return p.fits and p.peak_gib <= SUGGEST_HEADROOM * p.gpu_mem_gib
+
+
 def _with(cfg: Any, key: str, value: Any) -> Any:
     section, name = key.split(".")
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
@@ -457,7 +466,7 @@ def _with(cfg: Any, key: str, value: Any) -> Any:
 def _excess(p: Plan) -> float:
     """How far a plan is from fitting (0 = fits), for ranking partial fixes."""
     host = max(0.0, p.host_per_node_gib - p.knobs.host_mem_gib) if p.knobs.host_mem_gib else 0.0
-    return max(0.0, p.peak_gib - p.gpu_mem_gib) + host + (1000.0 if p.kv_tokens < p.seq_len else 0.0)
+    return max(0.0, p.peak_gib - SUGGEST_HEADROOM * p.gpu_mem_gib) + host + (1000.0 if p.kv_tokens < p.seq_len else 0.0)
 
 
 def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs) -> list[tuple[str, Any, int]]:
@@ -471,7 +480,7 @@ def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: floa
                          ("trainer.logprob_micro_batch_size", t.logprob_micro_batch_size)):
         for mb in range(current - 1, 0, -1):
             c2 = _with(cfg, key, mb)
-            if _build(name, shape, c2, gpus, mem, k).fits:
+            if _roomy(_build(name, shape, c2, gpus, mem, k)):
                 c.append((f"{key}={mb}", c2, gpus))
                 break
     if r.sleep_level == 0:
@@ -482,7 +491,7 @@ def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: floa
         c.append(("rollout.sleep_level=2", _with(cfg, "rollout.sleep_level", 2), gpus))
     for u in sorted((u / 100 for u in range(5, 96)), key=lambda u: abs(u - r.gpu_memory_utilization)):
         c2 = _with(cfg, "rollout.gpu_memory_utilization", u)
-        if u != r.gpu_memory_utilization and _build(name, shape, c2, gpus, mem, k).fits:
+        if u != r.gpu_memory_utilization and _roomy(_build(name, shape, c2, gpus, mem, k)):
             c.append((f"rollout.gpu_memory_utilization={u:.2f}", c2, gpus))  # the nearest that fits
             break
     c += [(f"rollout.tensor_parallel_size={tp}", _with(cfg, "rollout.tensor_parallel_size", tp), gpus)
@@ -510,7 +519,7 @@ def _fitting(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: K
     for label, c2, g in _single_changes(name, shape, cfg, gpus, mem, k):
         q = _build(name, shape, c2, g, mem, k)
         group = label.split("=")[0].split(" ")[0]  # only the smallest TP / GPU count that fits
-        if q.fits and not any(f.startswith(group) for f, _ in out):
+        if _roomy(q) and not any(f.startswith(group) for f, _ in out):
             out.append((label, q.peak_gib))
     return out
 
@@ -520,10 +529,13 @@ def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knob
     p = _build(name, shape, cfg, gpus, gpu_mem_gib, knobs)
     r = cfg.rollout
     if p.fits:
+        if not _roomy(p):
+            p.notes.append(f"the peak is {100 * p.peak_gib / gpu_mem_gib:.1f}% of the GPU: less than "
+                           f"{100 * (1 - SUGGEST_HEADROOM):.0f}% headroom for allocator spikes the model does not see")
         if p.kv_tokens < p.seq_len * r.max_num_seqs:  # headroom could go to the KV cache (rollout throughput)
             for u in range(95, round(r.gpu_memory_utilization * 100), -1):
                 q = _build(name, shape, _with(cfg, "rollout.gpu_memory_utilization", u / 100), gpus, gpu_mem_gib, knobs)
-                if q.fits:
+                if _roomy(q):
                     p.notes.append(f"rollout.gpu_memory_utilization={u / 100:.2f} still fits (peak {q.peak_gib:.1f} GiB):"
                                    f" KV cache for {q.kv_tokens // q.seq_len} full-length sequences")
                     break
@@ -555,6 +567,7 @@ def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knob
                 break
             c2, g, combo = best[3], best[4], combo + [best[2]]
     p.suggestions = [f"{label} (peak -> {pk:.1f} GiB)" for label, pk in found]
+    p.fixes = [(tuple(label.split(" + ")), pk) for label, pk in found]
     return p
 
 

@@ -66,7 +66,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, int, int, float]:
     return load(args.config, overrides), args.gpus, args.gpus_per_node, args.host_mem_gib
 
 
-def format_plan(p: memory.Plan) -> str:
+def format_plan(p: memory.Plan, key_prefix: str = "") -> str:
     lines = [f"{p.model}: {p.params / 1e9:.2f}B params, {p.trainable / 1e6:.1f}M trainable; "
              f"{p.gpus} GPU(s) x {p.gpu_mem_gib:g} GiB; sequence {p.seq_len} tokens; GiB per GPU"]
     for s in p.stages:
@@ -76,13 +76,23 @@ def format_plan(p: memory.Plan) -> str:
                  f"host: {p.host_peak_gib:.1f} GiB per GPU, {p.host_per_node_gib:.1f} GiB per node "
                  f"(a checkpoint adds {p.checkpoint_host_gib:.1f} GiB on rank 0)")
     lines.append(f"vLLM KV cache: {p.kv_tokens} tokens = {p.kv_tokens // p.seq_len} full-length sequences")
-    lines += [f"note: {n}" for n in p.notes]
+    # a note that starts with a setting is advice too: written as this command takes it
+    lines += [f"note: {key_prefix if re.match(r'[a-z_]+[.][a-z_]+=', n) else ''}{n}" for n in p.notes]
     if p.fits:
         lines.append(f"verdict: fits ({p.gpu_mem_gib - p.peak_gib:.1f} GiB headroom per GPU)")
     else:
         lines.append("verdict: does not fit: " + "; ".join(p.problems))
-        lines += [f"  would fit with: {s}" for s in p.suggestions] or ["  no single change found; use more GPUs or a smaller model"]
+        if p.fixes:
+            lines.append(f"  would fit with any one of these lines, appended to this command as is "
+                         f"(each peaks at most {memory.SUGGEST_HEADROOM:.0%} of the GPU):")
+        lines += [f"    {' '.join(as_args(fix, key_prefix))}  # peak {peak:.1f} GiB, {peak / p.gpu_mem_gib:.0%} of "
+                  f"{p.gpu_mem_gib:g}" for fix, peak in p.fixes] or ["  no change found; use more GPUs or a smaller model"]
     return "\n".join(lines)
+
+
+def as_args(fix: tuple[str, ...], key_prefix: str) -> list[str]:
+    """A planner fix as command-line words: `train.`-prefixed keys for a profile, `--gpus N` for a GPU count."""
+    return [f"--gpus {change.split()[1]}" if change.startswith("use ") else key_prefix + change for change in fix]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = memory.plan(shape, cfg, gpus, args.gpu_mem_gib, knobs, name=name)
     except (ConfigError, ValueError, OSError) as exc:
         fail(f"plan: {exc}", EXIT_BAD_INPUT)
-    print(json.dumps(p.to_dict(), indent=1) if args.json else format_plan(p))
+    print(json.dumps(p.to_dict(), indent=1) if args.json else format_plan(p, "train." if args.profile else ""))
     return EXIT_OK if p.fits else EXIT_FAILED
 
 
