@@ -20,6 +20,12 @@ import numpy as np
 import torch
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+CORRUPT_PREFIX = ".corrupt-"  # an unloadable checkpoint, set aside (never loaded, never pruned)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run that has some can be loaded; one-line message."""
+
 TRAINABLE = "trainable.pt"
 STATE = "state.pt"
 
@@ -114,6 +120,45 @@ def load_checkpoint(path: Path) -> tuple[TrainState, dict[str, torch.Tensor], di
     trainable = torch.load(path / TRAINABLE, map_location="cpu", weights_only=True)
     blob = torch.load(path / STATE, map_location="cpu", weights_only=False)
     return TrainState(**blob["train_state"]), trainable, blob["optimizer"], blob["rng"]
+
+
+def load_newest(run_dir: Path, say, start_over: bool = False):
+    """The newest complete checkpoint that loads: (path, loaded) or None (fresh run).
+
+    A newer one that does not load (torn by a full disk, bit rot) is reported
+    through `say` and skipped; if checkpoints exist but none loads, raise
+    CheckpointError instead of silently starting from step 0, unless
+    `start_over`. Returns the unloadable paths too, for set_aside()."""
+    found = complete_checkpoints(run_dir)
+    bad: list[Path] = []
+    for _, path in reversed(found):
+        try:
+            loaded = load_checkpoint(path)
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a torn file
+            bad.append(path)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            say(f"checkpoint {path.name} cannot be loaded ({type(exc).__name__}: {reason}); trying an older one")
+            continue
+        if bad:
+            say(f"resuming from {path.name}, the newest loadable checkpoint ({len(bad)} newer unloadable)")
+        return path, loaded, bad
+    if bad and not start_over:
+        raise CheckpointError(
+            f"no loadable checkpoint in {checkpoint_root(run_dir)} ({len(bad)} unloadable: "
+            f"{', '.join(p.name for p in bad)}); to start over from step 0 set checkpoint.start_over=true")
+    if bad:
+        say(f"no loadable checkpoint ({len(bad)} unloadable); starting over from step 0 (checkpoint.start_over)")
+    return None, None, bad
+
+
+def set_aside(paths: list[Path]) -> None:
+    """Rename unloadable checkpoints out of sight: keep-N pruning must never
+    count them as newer than the good one and delete that (rank 0 only)."""
+    for path in paths:
+        try:
+            os.replace(path, path.with_name(f"{CORRUPT_PREFIX}{path.name}"))
+        except OSError:
+            pass
 
 
 def load_trainable(path: Path) -> dict[str, torch.Tensor]:

@@ -135,6 +135,7 @@ class CheckpointConfig:
     every: int = 0  # steps; 0 = only on preemption and at the end
     keep: int = 2  # complete checkpoints kept (older ones deleted)
     save_final: bool = True  # a checkpoint after the last step
+    start_over: bool = False  # when checkpoints exist but none loads: start from step 0 instead of refusing
     # Save and requeue when the next step plus a checkpoint plus this margin would
     # pass the Slurm job's time limit (grpo_core/walltime.py); needs no --signal.
     walltime_save: bool = True

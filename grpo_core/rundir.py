@@ -41,12 +41,26 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def _records(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every whole line; a torn last line (a kill mid-write) or
+    any other unreadable line is skipped, never fatal."""
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append((line, record))
+    return out
+
+
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop lines after `last_step`: those steps are about to be replayed."""
+    """Drop lines after `last_step` (those steps are about to be replayed) and torn lines."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line, record in _records(path.read_text(errors="replace")) if record["step"] <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -56,7 +70,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _records(path.read_text(errors="replace"))]
 
 
 def git_sha() -> str:

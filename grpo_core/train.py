@@ -26,7 +26,7 @@ import yaml
 
 from . import algorithm, checkpoint, config, distributed, rundir
 from .cli import ArgumentParser
-from .exitcodes import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_OK, EXIT_PREEMPTED
+from .exitcodes import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_ENVIRONMENT, EXIT_OK, EXIT_PREEMPTED
 from .batch import RolloutBatch, pack
 from .config import ConfigError, TrainConfig
 from .data import DataError, PromptSampler
@@ -302,11 +302,18 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
 def resume_or_start(tr: Trainer) -> Path | None:
     """Load the newest complete checkpoint, if any. vLLM's constructor
     reseeded the global RNGs, so seeding comes after it."""
-    latest = checkpoint.latest_checkpoint(tr.run_dir)
+    def say(text: str) -> None:
+        if tr.info.is_main:
+            print(f"[grpo] {text}", file=sys.stderr, flush=True)
+
+    latest, loaded, bad = checkpoint.load_newest(tr.run_dir, say, tr.cfg.checkpoint.start_over)
+    distributed.barrier()  # every rank has read before rank 0 moves anything
+    if bad and tr.info.is_main:
+        checkpoint.set_aside(bad)
     if latest is None:
         _seed_everything(tr.cfg.trainer.seed)
     else:
-        tr.state, trainable, optim_state, rng = checkpoint.load_checkpoint(latest)
+        tr.state, trainable, optim_state, rng = loaded
         tr.policy.load_trainable_state_dict(trainable)
         tr.policy.load_optimizer_state_dict(tr.optimizer, optim_state)
         tr.scheduler.load_state_dict(tr.state.scheduler)
@@ -425,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except checkpoint.CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFLICT
     except OSError as exc:  # e.g. a full disk while writing the run dir
         print(f"error: {exc.filename or 'run dir'}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT

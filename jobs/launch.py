@@ -26,7 +26,7 @@ from typing import Any
 
 from submitit.helpers import DelayedSubmission
 
-from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
+from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
 
 def _log(message: str) -> None:
@@ -47,15 +47,19 @@ def failure_code(exc: BaseException) -> int:
     from grpo_core.data import DataError
     from grpo_core.setup import ModelPathError
 
+    from grpo_core.checkpoint import CheckpointError
+
     if isinstance(exc, (ConfigError, DataError, ModelPathError)):
         return EXIT_BAD_INPUT
+    if isinstance(exc, CheckpointError):
+        return EXIT_CONFLICT
     return EXIT_ENVIRONMENT if isinstance(exc, OSError) else EXIT_FAILED
 
 
 def failure_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
-    return text if failure_code(exc) == EXIT_BAD_INPUT else f"{type(exc).__name__}: {text}".rstrip(": ")
+    return text if failure_code(exc) in (EXIT_BAD_INPUT, EXIT_CONFLICT) else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def _record_failure(run_dir: Path, exc: BaseException) -> None:

@@ -80,8 +80,14 @@ def cli_text_bad(text: str) -> bool:
 def recent_runs(root: Path, limit: int = 20) -> list[Path]:
     if not root.is_dir():
         return []
+    def mtime(p: Path) -> float:
+        try:
+            return (p / "run.json").stat().st_mtime
+        except OSError:
+            return 0.0  # removed while listing
+
     dirs = [p for p in root.iterdir() if (p / "run.json").is_file()]
-    return sorted(dirs, key=lambda p: (p / "run.json").stat().st_mtime, reverse=True)[:limit]
+    return sorted(dirs, key=mtime, reverse=True)[:limit]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -234,6 +240,16 @@ def log_path(info: dict[str, Any], run_dir: Path) -> str:
 
 
 def view(run_dir: Path) -> RunView:
+    """One run's view; a run whose files are unreadable is shown as such, never fatal for a listing."""
+    try:
+        return _view(run_dir)
+    except (JobsError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        return RunView(name=run_dir.name, run_dir=run_dir, state="unreadable", job_id="-", job_state="-",
+                       step=None, total_steps=None, last_reward=None, restarts=0, latest_checkpoint=None,
+                       mlflow_run_id=None, mlflow_uri=None, log="-", error=one_line(str(exc)) or type(exc).__name__)
+
+
+def _view(run_dir: Path) -> RunView:
     info = read_json(run_dir / "run.json")
     # Scheduler first: a job seen ended has already written its last status.json.
     sched = job_state(info, run_dir)

@@ -46,6 +46,9 @@ def print_table(views: list[RunView]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for v in views:
+        if v.state == "unreadable":
+            print(f"{v.name}: unreadable: {v.error}")
 
 
 def print_one(v: RunView) -> None:
@@ -144,6 +147,9 @@ def follow(run_dir: Path, poll_s: float | None = None, out: Any = None) -> int:
     while True:
         try:
             v = runs.view(run_dir)
+            if v.state == "unreadable":
+                print(f"error: {v.name}: {v.error}", file=sys.stderr, flush=True)
+                return EXIT_FAILED
             log = Path(v.log)
             for line in _new_log_lines([log, log.with_suffix(".err")], log_offsets):
                 print(line, file=out, flush=True)

@@ -22,6 +22,7 @@ import yaml
 
 from grpo_core.cli import ArgumentParser
 from grpo_core.config import ConfigError, to_dict
+from grpo_core.exitcodes import EXIT_CONFLICT
 from jobs import runs
 from jobs.launch import Launch
 from jobs.profiles import (BUILTIN_DIR, PROFILES_ENV, Profile, describe, dump_profile, key_reference, list_profiles,
@@ -195,10 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.require_tool("sbatch")
             runs.require_tool("srun")
         run_dir = Path(run.run_dir)
+        taken = JobsError(f"run dir {run_dir} exists (an earlier run, or another submit of the same name "
+                          f"just now); pick another --name, or resume it: python -m jobs.resubmit {run.name}",
+                          EXIT_CONFLICT)
         if run_dir.exists():
-            raise JobsError(f"run dir {run_dir} exists; pick another --name, or resume it: "
-                            f"python -m jobs.resubmit {run.name}")
-        run_dir.mkdir(parents=True)
+            raise taken
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir()  # atomic: of two submits of one name, exactly one creates it
+        except FileExistsError:
+            raise taken from None
         try:
             write_run_files(profile, run)
             info = {"name": run.name, "profile": profile.name, "launcher": profile.cluster.launcher,

@@ -189,7 +189,7 @@ def test_shell_metacharacters_reach_sbatch_quoted(fake, capsys) -> None:
 def test_existing_run_name_is_refused(fake, capsys) -> None:
     assert _submit(capsys, "--profile", "slurm-cpu", "--name", "twice")[0] == 0
     code, _, err = _submit(capsys, "--profile", "slurm-cpu", "--name", "twice")
-    assert code == 2 and "python -m jobs.resubmit twice" in _one_line_error(err)
+    assert code == 3 and "python -m jobs.resubmit twice" in _one_line_error(err)
 
 
 def test_list_profiles_one_line_each(fake, capsys, monkeypatch) -> None:
@@ -400,3 +400,55 @@ def test_launch_checkpoint_is_a_fresh_copy() -> None:
     job = launch.Launch("/x/run")
     delayed = job.checkpoint()
     assert delayed.function == job and delayed.function is not job and delayed.args == ()
+
+
+# ---------------------------------------------------------------- faults
+
+def test_one_truncated_run_json_does_not_hide_the_other_runs(fake, capsys) -> None:
+    for name in ("good", "torn", "alsogood"):
+        assert _submit(capsys, "--profile", "slurm-cpu", "--name", name)[0] == 0
+    torn = fake.runs / "torn" / "run.json"
+    torn.write_text(torn.read_text()[:40])
+    (fake.runs / "alsogood" / "status.json").write_text('{"state": "runn')  # torn too: shown without it
+    assert status.main(["--runs-dir", str(fake.runs)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:4]}
+    assert rows == {"good": "pending", "torn": "unreadable", "alsogood": "pending"}, out
+    assert "torn: unreadable:" in out and "run.json" in out
+    assert status.main(["torn", "--runs-dir", str(fake.runs), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "unreadable"
+
+
+def test_two_submits_of_one_name_at_once(fake) -> None:
+    """Real processes racing: exactly one creates the run; the other refuses in one line (exit 3)."""
+    env = {**__import__("os").environ}
+    for attempt in range(4):
+        name = f"race{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-m", "jobs.submit", "--profile", "slurm-cpu", "--name", name,
+                                   "--runs-dir", str(fake.runs)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 3], results
+        loser = next(err for code, err in results if code == 3)
+        assert len(loser.strip().splitlines()) == 1 and "exists" in loser and "Traceback" not in loser, loser
+        info = json.loads((fake.runs / name / "run.json").read_text())
+        assert info["name"] == name and len(info["jobs"]) == 1  # the winner's run, whole
+        assert (fake.runs / name / "train.yaml").is_file() and (fake.runs / name / "job.sbatch").is_file()
+
+
+def test_local_run_with_a_missing_model_says_why_on_stderr(tmp_path) -> None:
+    """The real launcher and trainer: the reason reaches the user, not only local.log."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-m", "jobs.submit", "--profile", "local", "--name", "nomodel",
+                          "--runs-dir", str(tmp_path / "runs"), "train.model.tiny=false",
+                          f"train.model.path={tmp_path / 'missing'}"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) <= 3 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0] == f"error: model.path={tmp_path / 'missing'} does not exist " \
+        "(set model.tiny=true to build a tiny test model there)", out.stderr
+    st = subprocess.run([sys.executable, "-m", "jobs.status", "nomodel", "--runs-dir", str(tmp_path / "runs")],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "state:        failed" in st.stdout and "does not exist" in st.stdout, st.stdout
