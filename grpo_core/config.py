@@ -471,6 +471,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def check_layout(cfg: TrainConfig, ranks: int) -> None:
+    """The rollout layout for `ranks` training ranks. Each rank drives its own in-process engine, so
+    with N > 1 ranks a tensor-parallel engine would mean N engines of tensor_parallel_size GPUs each
+    over the same GPUs (and vLLM 0.26's TP=2 crashed in CUDA-graph capture on 2 H200s anyway). The
+    layout that works is data parallel: one TP-1 engine per GPU, the full weights synced into each
+    (every rank gathers them). Tensor parallelism is left to one-rank jobs."""
+    tp = cfg.rollout.tensor_parallel_size
+    if tp > 1 and ranks > 1:
+        raise ConfigError(f"rollout.tensor_parallel_size={tp} with {ranks} training ranks: each rank would start its "
+                          f"own {tp}-GPU engine on the same GPUs; use rollout.tensor_parallel_size=1 "
+                          "(one engine per GPU, the full weights synced into each)")
+
+
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """YAML file (or nothing) + overrides -> validated TrainConfig."""
     data = read_yaml(path) if path else {}

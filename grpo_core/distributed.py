@@ -62,6 +62,11 @@ def gpu_for_rank(visible: str | None, gpu_count: int, local_rank: int, world: in
     return ids[local_rank]
 
 
+def env_world_size() -> int:
+    """The job's rank count as the launcher set it (torchrun, Slurm), before any process group exists."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
 def init_distributed(device_pref: str = "auto", *, own_gpu: bool = True) -> DistInfo:
     """Join (or create) the process group; idempotent within a process.
 
@@ -70,7 +75,7 @@ def init_distributed(device_pref: str = "auto", *, own_gpu: bool = True) -> Dist
     no rank), so with every GPU visible all the ranks' engines would land on
     GPU 0. Engines with tensor_parallel_size > 1 need the other GPUs: False."""
     # torchrun's variables win over Slurm's: torchrun may run inside an allocation.
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    world = env_world_size()
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     # device_count() asks NVML, which leaves CUDA uninitialised; is_available() would not.

@@ -14,7 +14,8 @@ Assumptions the trainer must keep true (else recalibrate):
   full FT keeps fp32 master weights (so fp32 grads, AdamW states and the
   reference copy); LoRA keeps the frozen base in model.dtype and the adapter
   in fp32; param_offload = CPUOffloadPolicy (state on host, CPU optimizer step).
-- One in-process vLLM engine per `tensor_parallel_size` GPUs, in model.dtype.
+- One in-process vLLM engine per rank (tensor_parallel_size 1 whenever there are several ranks:
+  grpo_core.config.check_layout), in model.dtype, holding the full weights.
 - Log-probs come from the LM head `head_chunk_tokens` tokens at a time
   (grpo_core.algorithm.lm_head_logprobs: no [tokens, vocab] logits, each
   chunk recomputed in backward, entropy from the same chunk). head_chunk_tokens=0
@@ -33,6 +34,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .config import check_layout
 
 GIB = 1024**3
 
@@ -296,6 +299,7 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     tp, w = r.tensor_parallel_size, gpus
     if gpus < 1 or tp < 1 or gpus % tp:
         raise ValueError(f"gpus={gpus} must be a positive multiple of rollout.tensor_parallel_size={tp}")
+    check_layout(cfg, gpus)  # one TP-1 engine per rank when there are several ranks
     lora = m.lora_rank > 0
     targets = lora_targets(shape, m.lora_target_modules) if lora else []
     P, L = shape.params(), (lora_params(shape, m.lora_rank, m.lora_target_modules) if lora else 0)
@@ -494,8 +498,6 @@ def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: floa
         if u != r.gpu_memory_utilization and _roomy(_build(name, shape, c2, gpus, mem, k)):
             c.append((f"rollout.gpu_memory_utilization={u:.2f}", c2, gpus))  # the nearest that fits
             break
-    c += [(f"rollout.tensor_parallel_size={tp}", _with(cfg, "rollout.tensor_parallel_size", tp), gpus)
-          for tp in (2, 4, 8) if tp > r.tensor_parallel_size and gpus % tp == 0]
     return c + [(f"use {g} GPUs", cfg, g) for g in (2 * gpus, 4 * gpus, 8 * gpus)]
 
 

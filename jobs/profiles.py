@@ -20,8 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from grpo_core.config import (ConfigError, TrainConfig, apply_overrides, build, check_text, locate, read_yaml,
-                              to_dict, validate, yaml_lines)
+from grpo_core.config import (ConfigError, TrainConfig, apply_overrides, build, check_layout, check_text, locate,
+                              read_yaml, to_dict, validate, yaml_lines)
 from grpo_core.secrecy import looks_secret, secret_in
 
 # Package data: in the checkout and in an installed wheel alike (a wheel is
@@ -293,6 +293,10 @@ def _check_cluster(c: ClusterConfig, train: TrainConfig) -> None:
     if gpus and train.rollout.tensor_parallel_size > gpus:
         raise ConfigError(f"train.rollout.tensor_parallel_size={train.rollout.tensor_parallel_size} exceeds "
                           f"the {gpus} GPU(s) of cluster.nodes x cluster.gpus_per_node")
+    try:
+        check_layout(train, c.nodes * c.tasks_per_node)
+    except ConfigError as exc:
+        raise ConfigError(f"train.{exc}") from None
 
 
 def _override_keys(overrides: Sequence[str]) -> list[str]:

@@ -176,8 +176,8 @@ def apply_suggestion(c, gpus: int, suggestion: str):
 
 
 def test_suggestions_make_it_fit() -> None:
-    big = cfg("model.lora_rank=0", "rollout.sleep_level=0", "rollout.tensor_parallel_size=4",
-              "rollout.gpu_memory_utilization=0.5", "trainer.micro_batch_size=64",
+    big = cfg("model.lora_rank=0", "rollout.sleep_level=0", "rollout.gpu_memory_utilization=0.6",
+              "trainer.micro_batch_size=64",
               "trainer.param_offload=true", "trainer.optimizer_offload=true")
     p = plan(Q14, big, 4, 80.0)
     assert not p.fits and "update" in p.problems[0]
@@ -250,9 +250,11 @@ def test_full_ft_offloaded_host_memory_by_hand() -> None:
 
 def test_several_changes_when_no_single_one_fits() -> None:
     c = cfg("trainer.micro_batch_size=8")
-    p = plan(Q14, c, 2, 24.0)
-    assert len(p.problems) == 2 and len(p.suggestions) == 1 and p.suggestions[0].count(" + ") >= 2
-    assert plan(Q14, *apply_suggestion(c, 2, p.suggestions[0]), 24.0).fits
+    p = plan(Q14, c, 2, 34.0)
+    assert len(p.problems) == 2 and len(p.suggestions) == 1 and p.suggestions[0].count(" + ") >= 1
+    assert plan(Q14, *apply_suggestion(c, 2, p.suggestions[0]), 34.0).fits
+    # one engine per GPU holds the whole 27.5 GiB of bf16 weights: nothing fits a 24 GiB GPU
+    assert plan(Q14, c, 2, 24.0).suggestions == []
 
 
 def test_checkpointing_is_suggested_first() -> None:
@@ -269,6 +271,17 @@ def test_kv_cache_too_small_suggests_utilization() -> None:
 def test_gpus_must_divide_tensor_parallel() -> None:
     with pytest.raises(ValueError, match="multiple of rollout.tensor_parallel_size"):
         plan(Q14, cfg("rollout.tensor_parallel_size=4"), 2, 140.0)
+
+
+def test_tensor_parallel_engines_are_rejected_with_several_ranks() -> None:
+    from grpo_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="4 training ranks.*use rollout.tensor_parallel_size=1"):
+        plan(Q14, cfg("model.lora_rank=0", "rollout.tensor_parallel_size=4"), 4, 80.0)
+    p = plan(Q14, cfg("model.lora_rank=0", "rollout.tensor_parallel_size=1"), 4, 80.0)
+    # one engine per GPU: each holds the full bf16 weights
+    assert part(p, "rollout", "vLLM weights").gib == pytest.approx(Q14.params() * 2 / 2**30)
+    assert not any("tensor_parallel_size" in s for s in p.suggestions)
 
 
 def test_json_round_trip() -> None:
@@ -303,7 +316,7 @@ def test_cli_profile() -> None:
     r = run_cli("--profile", "h800x4", "train.rollout.sleep_level=1", "--gpu-mem-gib", "140")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4 GPU(s) x 140 GiB" in r.stdout and "verdict: fits" in r.stdout
-    r = run_cli("--profile", "h800x4", "--gpu-mem-gib", "24")
+    r = run_cli("--profile", "h800x4", "--gpu-mem-gib", "36")  # each GPU's engine holds the 27.5 GiB of weights
     assert r.returncode == 1 and "would fit with any one of these lines" in r.stdout
 
 

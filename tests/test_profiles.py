@@ -66,7 +66,7 @@ def test_h800x4_is_the_full_finetune_seed_recipe_and_inherits() -> None:
     t, r = p.train.trainer, p.train.rollout
     assert p.train.model.lora_rank == 0 and p.train.optim.lr == 1e-6
     assert (t.prompts_per_step, t.mini_batch_prompts, t.micro_batch_size, r.n) == (1024, 256, 16, 5)
-    assert (r.tensor_parallel_size, r.gpu_memory_utilization) == (4, 0.5)
+    assert (r.tensor_parallel_size, r.gpu_memory_utilization) == (1, 0.8)  # one engine per GPU
     assert p.cluster.gpus_per_node == 4 and p.train.checkpoint.every > 0
     assert (t.param_offload, t.optimizer_offload, p.train.model.share_base_weights, r.sleep_level) == (True, True, False, 2)
     assert p.train.data == base.train.data and p.cluster.env == base.cluster.env  # via extends
@@ -112,6 +112,14 @@ def test_bad_overrides_are_one_line_errors(override: str, needle: str) -> None:
 def test_tensor_parallel_beyond_the_node_is_rejected() -> None:
     message = _error("h800x4", ["train.rollout.tensor_parallel_size=8"])
     assert message.startswith("profile h800x4: ") and "exceeds" in message
+
+
+def test_tensor_parallel_engines_with_several_ranks_are_rejected() -> None:
+    message = _error("h800x4", ["train.rollout.tensor_parallel_size=4"])
+    assert message.startswith("profile h800x4: ") and "4 training ranks" in message
+    assert "use rollout.tensor_parallel_size=1" in message and "\n" not in message
+    # one rank may drive a tensor-parallel engine over the node's GPUs
+    assert load_profile("h800x4", ["cluster.tasks_per_node=1", "train.rollout.tensor_parallel_size=4"])
 
 
 def test_tokenizers_parallelism_is_not_a_secret() -> None:
