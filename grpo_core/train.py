@@ -369,6 +369,9 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
     preemption = preemption or Preemption()  # the walltime guard requests through it too
     guard = WalltimeGuard(job_end_time() if cfg.checkpoint.walltime_save else None, cfg.checkpoint.walltime_margin_s)
     progress = Progress(cfg.trainer.total_steps, tr.state.step) if info.is_main else None
+    if info.is_main and guard.end is not None:
+        print(f"[grpo] the job's time limit is in {guard.left_s(time.time()):.0f}s: it saves and requeues "
+              "itself before then", flush=True)
     while tr.state.step < cfg.trainer.total_steps:
         tr.state.step += 1
         metrics = grpo_step(tr)
