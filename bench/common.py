@@ -338,9 +338,9 @@ def bench_overrides(*, model_path: Path, tiny: bool, data: str, run_dir: Path) -
     if tiny:  # bf16 matmuls are slow on CPUs without bf16 units; the smoke run checks code paths, not speed
         ov += ["model.dtype=float32", "model.share_base_weights=false"]  # vLLM's CPU weights cannot be shared
     if data:
-        ov += ["data.source=gsm8k", f"data.train_path={data}", "data.test_path="]
+        ov += ["data.task=gsm8k", f"data.train_path={data}", "data.test_path="]
     else:
-        ov += ["data.source=synthetic"]
+        ov += ["data.task=synthetic"]
     return ov
 
 

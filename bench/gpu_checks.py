@@ -40,7 +40,7 @@ def sync_check_overrides(mode: str, model: Path, data: str, tiny: bool, run_dir:
     """grpo_core.synccheck's overrides for one check (also bench/world2_check.sh's)."""
     overrides = [
         f"model.path={model}", f"model.dtype={'float32' if tiny else 'bfloat16'}",
-        *(["data.source=gsm8k", f"data.train_path={data}", f"data.test_path={data}"] if data else ["data.source=synthetic"]),
+        *(["data.task=gsm8k", f"data.train_path={data}", f"data.test_path={data}"] if data else ["data.task=synthetic"]),
         f"trainer.run_dir={run_dir}", "tracking.enabled=false",
         "rollout.n=2", "rollout.max_tokens=16", "rollout.val_max_tokens=16", "rollout.enforce_eager=true",
         "rollout.gpu_memory_utilization=0.3", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=4",

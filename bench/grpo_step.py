@@ -112,7 +112,7 @@ def measure(ctx) -> None:
                 common.patched(T, "sync_weights", meter.wrap("sync", T.sync_weights)):
             if warm_prompts > 0:
                 real_sampler = tr.sampler
-                tr.sampler = PromptSampler(len(tr.task.train_prompts), warm_prompts, cfg.trainer.seed + 1)
+                tr.sampler = PromptSampler(len(tr.prompts.train), warm_prompts, cfg.trainer.seed + 1)
                 seen["warm"] = True
                 tr.state.step += 1
                 T.grpo_step(tr)

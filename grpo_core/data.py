@@ -10,7 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
@@ -21,7 +21,6 @@ __all__ = [
     "Example",
     "PROMPT_SUFFIX",
     "PromptSampler",
-    "build_prompt",
     "load_gsm8k",
     "synthetic_arithmetic",
 ]
@@ -150,17 +149,6 @@ def synthetic_arithmetic(size: int, max_sum: int, seed: int) -> list[Example]:
     return examples
 
 
-def build_prompt(question: str, tokenizer: Any, suffix: str = PROMPT_SUFFIX) -> str:
-    """verl's GSM8K prompt: question + instruction as one user chat turn.
-
-    The synthetic task passes suffix="": a from-scratch model learns far
-    faster when the operands sit right before the answer."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("the tokenizer has no chat_template; build_prompt needs a chat model's tokenizer")
-    messages = [{"role": "user", "content": f"{question} {suffix}".strip()}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 class PromptSampler:
     """Batches of example indices, epoch by epoch, resumable exactly.
 
@@ -193,10 +181,6 @@ class PromptSampler:
             batch.extend(self._order[self.cursor : self.cursor + take])
             self.cursor += take
         return batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        while True:
-            yield self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}

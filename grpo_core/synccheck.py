@@ -23,7 +23,7 @@ from .train import build_trainer, grpo_step, resume_or_start
 def run_check(cfg: config.TrainConfig, steps: int, num_prompts: int = 4) -> dict[str, float]:
     tr = build_trainer(cfg)
     resume_or_start(tr)
-    prompts = tr.task.train_prompts[:num_prompts]
+    prompts = tr.prompts.train[:num_prompts]
     # Fixed responses: sampled once, before any update.
     responses = [
         list(s.token_ids)

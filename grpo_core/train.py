@@ -31,11 +31,11 @@ from .batch import RolloutBatch, pack
 from .config import ConfigError, TrainConfig
 from .data import DataError, PromptSampler
 from .keyref import format_keys
+from .model_path import ModelPathError, resolve_model
 from .plots import write_curves
 from .preemption import WALLTIME, Preemption
 from .progress import Progress
-from .reward import gsm8k_score
-from .setup import ModelPathError, load_task, resolve_model
+from .tasks import Prompts, Reward, Task, make_reward, make_task, tokenize
 from .tracking import Tracker
 from .walltime import WalltimeGuard, job_end_time
 
@@ -68,7 +68,7 @@ def forward_backward(policy, mb: RolloutBatch, cfg: TrainConfig, loss_scale: flo
     # micro-batch's padded width, which depends on how rows were grouped.
     norm = cfg.rollout.max_tokens
     loss, stats = algorithm.policy_loss(
-        logprobs, old, a.advantage_sign * mb.advantages, mb.response_mask,
+        logprobs, old, mb.advantages, mb.response_mask,
         clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg, norm_length=norm,
     )
     out = {"policy_loss": float(loss.detach()), "clip_fraction": float(stats["clip_fraction"])}
@@ -161,11 +161,11 @@ def sync_weights(policy, engine, adapter_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def validate(engine, task, cfg: TrainConfig) -> float:
-    prompts = task.test_prompts[: cfg.trainer.val_prompts or None]
-    samples = engine.greedy(prompts, cfg.rollout.val_max_tokens)
-    answers = task.test_answers[: len(prompts)]
-    return float(np.mean([gsm8k_score(s.text, a, mode=cfg.algorithm.reward_mode) == 1.0 for s, a in zip(samples, answers)]))
+def validate(engine, task: Task, prompts: Prompts, cfg: TrainConfig) -> float:
+    """Greedy accuracy on the test split: the task's own score == 1."""
+    chosen = prompts.test[: cfg.trainer.val_prompts or None]
+    samples = engine.greedy(chosen, cfg.rollout.val_max_tokens)
+    return float(np.mean([task.score(s.text, truth) == 1.0 for s, truth in zip(samples, prompts.test_truths)]))
 
 
 def _seed_everything(seed: int) -> None:
@@ -180,7 +180,9 @@ class Trainer:
 
     cfg: TrainConfig
     info: distributed.DistInfo
-    task: object
+    task: Task
+    prompts: Prompts  # the task's rows, tokenized
+    reward: Reward  # data.reward, else the task's score
     tokenizer: object
     engine: object
     policy: object
@@ -201,7 +203,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         raise ConfigError(f"model.share_base_weights=true needs a CUDA device (this run is on {info.device.type})")
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)  # before vLLM, which freezes it
-    task = load_task(cfg)
+    task = make_task(cfg.data, cfg.trainer.seed)
     model_path = resolve_model(cfg, task, info)
 
     from transformers import AutoTokenizer
@@ -213,7 +215,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except OSError as exc:  # a hub id that is unreachable or wrong
         raise ModelPathError(f"cannot load model.path={cfg.model.path}: {str(exc).strip().splitlines()[0]}") from None
-    task.tokenize(tokenizer, cfg.data.max_prompt_tokens)
+    prompts = tokenize(task, tokenizer, cfg.data.max_prompt_tokens, cfg.data.task)
     engine = RolloutEngine(
         model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.trainer.seed, lora_rank=cfg.model.lora_rank,
         max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.rollout.val_max_tokens),
@@ -229,10 +231,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     )
     warmup = max(1, o.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    sampler = PromptSampler(len(task.train_prompts), cfg.trainer.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
+    sampler = PromptSampler(len(prompts.train), cfg.trainer.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # adapters travel through memory, not disk
     return Trainer(
-        cfg, info, task, tokenizer, engine, policy, optimizer, scheduler, sampler,
+        cfg, info, task, prompts, make_reward(cfg.data, task), tokenizer, engine, policy, optimizer, scheduler, sampler,
         run_dir=Path(cfg.trainer.run_dir).resolve(), adapter_dir=Path(tempfile.mkdtemp(prefix="grpo-adapter-", dir=shm)),
     )
 
@@ -249,7 +251,7 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
     # ---- rollout
     stage("rollout")
     batch_ids = tr.sampler.next_batch()[tr.info.rank :: world]
-    prompts = [task.train_prompts[i] for i in batch_ids]
+    prompts = [tr.prompts.train[i] for i in batch_ids]
     t0 = time.perf_counter()
     tr.engine.wake_up()
     samples = tr.engine.generate(
@@ -259,10 +261,12 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
     tr.engine.sleep()
     time_rollout = time.perf_counter() - t0
     # ---- reward and group advantages
-    flat = [(p, s, task.train_answers[i]) for p, i, group in zip(prompts, batch_ids, samples) for s in group]
+    flat = [(p, s, tr.prompts.train_truths[i]) for p, i, group in zip(prompts, batch_ids, samples) for s in group]
     a = cfg.algorithm
-    rewards = torch.tensor([gsm8k_score(s.text, ans, mode=a.reward_mode, format_score=a.format_score) for _, s, ans in flat])
-    correct = torch.tensor([gsm8k_score(s.text, ans, mode=a.reward_mode) == 1.0 for _, s, ans in flat], dtype=torch.float32)
+    rewards = torch.tensor([float(tr.reward(s.text, truth)) for _, s, truth in flat])
+    # Accuracy is the task's own verdict, also under a user's reward.
+    scores = rewards if tr.reward == task.score else torch.tensor([task.score(s.text, truth) for _, s, truth in flat])
+    correct = (scores == 1.0).float()
     adv = algorithm.group_advantages(rewards, n, eps=a.adv_eps, norm_by_std=a.norm_adv_by_std)
     batch = pack([p for p, _, _ in flat], [list(s.token_ids) for _, s, _ in flat], adv, tr.tokenizer.pad_token_id)
     # ---- old log-probs only when the policy moves between mini-batches
@@ -377,7 +381,7 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
         metrics = grpo_step(tr)
         if cfg.trainer.val_every and tr.state.step % cfg.trainer.val_every == 0:
             t0 = time.perf_counter()
-            metrics["val_accuracy"] = distributed.all_mean({"v": validate(tr.engine, tr.task, cfg)})["v"]
+            metrics["val_accuracy"] = distributed.all_mean({"v": validate(tr.engine, tr.task, tr.prompts, cfg)})["v"]
             metrics["time_validation"] = time.perf_counter() - t0
         if info.is_main:
             rundir.append_metrics(run_dir, {"step": tr.state.step, **metrics})

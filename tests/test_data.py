@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 
 from grpo_core.data import (
-    PROMPT_SUFFIX,
     DataError,
     Example,
     PromptSampler,
-    build_prompt,
     load_gsm8k,
     synthetic_arithmetic,
 )
@@ -106,31 +104,6 @@ def test_synthetic_is_deterministic_and_correct() -> None:
     assert {ex.question for ex in a} == {f"{x} + {s - x}" for s in range(5) for x in range(s + 1)}
     counts = [sum(ex.answer == str(s) for ex in a) for s in range(5)]
     assert min(counts) >= 25, counts  # 40 expected each out of 200
-
-
-# ---------------------------------------------------------------- prompts
-
-def tiny_chat_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
-    tok.chat_template = (
-        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    return tok
-
-
-def test_build_prompt_uses_chat_template() -> None:
-    tok = tiny_chat_tokenizer()
-    assert build_prompt("What is 2 + 2?", tok) == f"<|user|>What is 2 + 2? {PROMPT_SUFFIX}\n<|assistant|>"
-    assert PROMPT_SUFFIX == 'Let\'s think step by step and output the final answer after "####".'
-    tok.chat_template = None
-    with pytest.raises(DataError, match="chat_template"):
-        build_prompt("q", tok)
 
 
 # ---------------------------------------------------------------- sampler

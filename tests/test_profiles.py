@@ -40,7 +40,7 @@ def test_local_and_slurm_cpu_share_the_tiny_recipe() -> None:
     assert local.cluster.launcher == "local" and cpu.cluster.launcher == "slurm"
     assert local.train == cpu.train
     t = local.train
-    assert (t.model.path, t.model.tiny, t.data.source) == ("runs/tiny-model", True, "synthetic")
+    assert (t.model.path, t.model.tiny, t.data.task) == ("runs/tiny-model", True, "synthetic")
     assert (t.rollout.n, t.rollout.max_tokens, t.trainer.total_steps) == (16, 4, 150)
     assert (t.trainer.prompts_per_step, t.trainer.mini_batch_prompts, t.trainer.micro_batch_size) == (64, 64, 256)
     assert (t.optim.lr, t.optim.beta2, t.algorithm.kl_coef, t.checkpoint.every) == (3e-3, 0.99, 0.0, 25)

@@ -41,7 +41,7 @@ def data_file(tmp_path: Path) -> Path:
 def base_config(tmp_path: Path, train_path: Path | str) -> str:
     return (
         f"model: {{path: {tmp_path / 'model'}, tiny: true}}\n"
-        f"data: {{source: gsm8k, train_path: {train_path}, test_path: {train_path}}}\n"
+        f"data: {{task: gsm8k, train_path: {train_path}, test_path: {train_path}}}\n"
         "trainer: {total_steps: 1, prompts_per_step: 2, mini_batch_prompts: 2}\n"
     )
 

@@ -39,8 +39,8 @@ def tiny_model(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models") / "tiny-synthetic"
 
 
-def mean_reward(records: list[dict], steps: range) -> float:
-    chosen = [r["reward_mean"] for r in records if r["step"] in steps]
+def mean_of(records: list[dict], key: str, steps: range) -> float:
+    chosen = [r[key] for r in records if r["step"] in steps]
     return sum(chosen) / len(chosen)
 
 
@@ -48,27 +48,31 @@ def mean_reward(records: list[dict], steps: range) -> float:
 LEARN_STEPS = 150
 
 
-@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["grpo", "flipped-advantage"])
-def test_tiny_model_learns_synthetic_arithmetic(tmp_path, tiny_model, sign):
-    """From scratch to >= 0.8 mean reward in under 5 minutes on 2 cores; with
-    the advantage sign flipped the same run must not learn."""
+@pytest.mark.parametrize("reward", ["", "tests.plugins:wrong_answer_reward"], ids=["grpo", "rewarded-for-wrong-answers"])
+def test_tiny_model_learns_synthetic_arithmetic(tmp_path, tiny_model, reward):
+    """From scratch to >= 0.8 accuracy in under 5 minutes on 2 cores; the same
+    run rewarded for wrong answers (a user's data.reward) must get worse at
+    the task: the test can fail."""
     start = time.monotonic()
     proc = run_trainer(
         f"model.path={tiny_model}", f"trainer.run_dir={tmp_path / 'run'}", f"trainer.total_steps={LEARN_STEPS}",
-        f"algorithm.advantage_sign={sign}", "tracking.enabled=false", "checkpoint.save_final=false",
+        f"data.reward={reward}", "tracking.enabled=false", "checkpoint.save_final=false",
     )
     elapsed = time.monotonic() - start
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(1, LEARN_STEPS + 1))
-    first, last = mean_reward(records, range(1, 6)), mean_reward(records, range(LEARN_STEPS - 9, LEARN_STEPS + 1))
-    curve = " ".join(f"{r['reward_mean']:.2f}" for r in records[::20])
-    print(f"sign={sign} first5={first:.3f} last10={last:.3f} elapsed={elapsed:.0f}s curve: {curve}")
+    # accuracy is the task's own score == 1, whatever the reward
+    first, last = mean_of(records, "accuracy", range(1, 6)), mean_of(records, "accuracy", range(LEARN_STEPS - 9, LEARN_STEPS + 1))
+    curve = " ".join(f"{r['accuracy']:.2f}" for r in records[::20])
+    print(f"reward={reward or 'task'} first5={first:.3f} last10={last:.3f} elapsed={elapsed:.0f}s curve: {curve}")
     assert first <= 0.2, f"the untrained model already scores {first:.3f}"
-    if sign > 0:
-        assert last >= 0.8, f"did not learn: last-10 mean reward {last:.3f}; curve {curve}\n{proc.stdout[-2000:]}"
+    if not reward:
+        assert mean_of(records, "reward_mean", range(LEARN_STEPS - 9, LEARN_STEPS + 1)) == last  # reward is the score
+        assert last >= 0.8, f"did not learn: last-10 accuracy {last:.3f}; curve {curve}\n{proc.stdout[-2000:]}"
         assert elapsed < 300, f"learning took {elapsed:.0f}s (limit 300s)"
     else:
-        assert last < 0.2, f"a flipped advantage still reached {last:.3f}: the test could not fail"
+        assert last < 0.2, f"rewarded for wrong answers, accuracy still {last:.3f}: the test could not fail"
+        assert all(r["reward_mean"] == pytest.approx(1 - r["accuracy"], abs=1e-6) for r in records)  # the user's reward
 
 
 # ------------------------------------------------------------------ resume
