@@ -403,7 +403,7 @@ def engine_generate(engine, prompts: list[list[int]], *, n: int, temperature: fl
                                      seeds=seeds, ignore_eos=ignore_eos)
     from vllm import SamplingParams
 
-    from grpo_core.rollout import Sample
+    from grpo_core.engine import Sample
 
     limits = [int(max_tokens)] * len(prompts) if isinstance(max_tokens, int) else [int(m) for m in max_tokens]
     params = [

@@ -69,7 +69,7 @@ def full_sync_timing(shape_path: Path, tiny: bool, repeats: int = 3) -> dict:
     from grpo_core import config, distributed
     from grpo_core.policy import Policy
     from grpo_core.rollout import RolloutEngine
-    from grpo_core.train import sync_weights
+    from grpo_core.weightsync import WeightSync
 
     cfg = config.load(None, [f"model.path={shape_path}", "model.load_format=dummy",
                              f"model.dtype={'float32' if tiny else 'bfloat16'}", "algorithm.kl_coef=0.0",
@@ -78,7 +78,8 @@ def full_sync_timing(shape_path: Path, tiny: bool, repeats: int = 3) -> dict:
     engine = RolloutEngine(str(shape_path), cfg.rollout, dtype=cfg.model.dtype, seed=0, max_model_len=2048,
                            on_cpu=info.device.type == "cpu", load_format="dummy")
     policy = Policy(str(shape_path), cfg.model, cfg.trainer, info, needs_reference=False)
-    sync = lambda: sync_weights(policy, engine, Path(tempfile.mkdtemp()))  # noqa: E731
+    weights = WeightSync(policy, Path(tempfile.mkdtemp()))
+    sync = lambda: weights.push(engine)  # noqa: E731
     sync()  # warm-up: first gathers allocate
     ours = []
     for _ in range(repeats):
@@ -90,7 +91,7 @@ def full_sync_timing(shape_path: Path, tiny: bool, repeats: int = 3) -> dict:
             torch.cuda.synchronize()
         ours.append(time.perf_counter() - start)
     dtype = torch.float32 if tiny else torch.bfloat16
-    ready = [(n, t.clone()) for n, t in policy.iter_full_weights(dtype)]
+    ready = [(n, t.clone()) for n, t in weights.full_weights(dtype)]
     base = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -9,7 +9,7 @@ grpo_core.train.grpo_step runs unchanged on the trainer from build_trainer
 length is drawn to look like GSM8K (normal mean 250, sd 70, clipped to
 [150, 400]) and generated with ignore_eos. Stages are measured by wrapping
 the functions grpo_step calls (engine.generate, batched_logprobs,
-train_step, sync_weights): torch's peak allocated/reserved and the device's
+train_step, WeightSync.push): torch's peak allocated/reserved and the device's
 peak (NVML) per stage; seconds come from grpo_step's own metrics. A short
 warm-up step (few prompts, 16 tokens) runs first. The recipe's offload
 flags are off: on one H200 nothing needs to leave the GPU (--set to change).
@@ -109,7 +109,7 @@ def measure(ctx) -> None:
     try:
         with common.patched(T, "batched_logprobs", meter.wrap("reference", T.batched_logprobs)), \
                 common.patched(T, "train_step", meter.wrap("update", T.train_step)), \
-                common.patched(T, "sync_weights", meter.wrap("sync", T.sync_weights)):
+                common.patched(tr.sync, "push", meter.wrap("sync", tr.sync.push)):
             if warm_prompts > 0:
                 real_sampler = tr.sampler
                 tr.sampler = PromptSampler(len(tr.prompts.train), warm_prompts, cfg.trainer.seed + 1)

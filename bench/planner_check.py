@@ -102,6 +102,7 @@ class Holder:
 
 def measure(cfg, info, holder: Holder, key, sampler, micro_batches: int, seed: int) -> dict:
     from grpo_core.train import batched_logprobs, train_step
+    from grpo_core.weightsync import WeightSync
 
     policy, optimizer, scheduler = holder.get(key, cfg, info)
     micro = cfg.trainer.micro_batch_size
@@ -122,11 +123,11 @@ def measure(cfg, info, holder: Holder, key, sampler, micro_batches: int, seed: i
     def sync_stage():
         if policy.is_lora:
             with tempfile.TemporaryDirectory(prefix="bench-adapter-") as d:
-                policy.save_lora_adapter(Path(d))
-        else:  # what sync_weights feeds vLLM, one gathered tensor at a time
+                WeightSync(policy, Path(d)).save_adapter(Path(d))
+        else:  # what WeightSync.push feeds vLLM, one gathered tensor at a time
             import torch
 
-            for _name, tensor in policy.iter_full_weights(torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16):
+            for _name, tensor in WeightSync(policy, Path()).full_weights(torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16):
                 del tensor
 
     meter.wrap("sync", sync_stage)()

@@ -3,15 +3,15 @@ the sync check (engine log-probs == trainer log-probs) for both.
 
     python -m bench.sync [--tiny] [--sync-repeats 3]
 
-LoRA, ours: grpo_core.train.sync_weights (gather the adapter, write it to
+LoRA, ours: grpo_core.weightsync.WeightSync.push (gather the adapter, write it to
 /dev/shm, point the engine at it) plus the adapter's load inside vLLM, which
 happens at the next request: measured as the extra latency of a one-token
 request right after the sync. Baseline: the same one-token request with a
 LoRARequest that vLLM has not seen (an adapter already on disk), i.e. plain
 vLLM's adapter load.
 
-Full, ours: sync_weights on a full-fine-tune-like trainer model (fp32
-master weights, FSDP2-sharded as grpo_core.policy does: iter_full_weights ->
+Full, ours: WeightSync.push on a full-fine-tune-like trainer model (fp32
+master weights, FSDP2-sharded as grpo_core.policy does: WeightSync.full_weights ->
 RolloutEngine.load_full_weights), CUDA-synchronized. Baseline: vLLM's model.
 load_weights fed bf16 tensors already on the GPU (the issue's 0.06 s).
 
@@ -115,8 +115,6 @@ def plain(req):
 def run_lora(ctx) -> None:
     from vllm.lora.request import LoRARequest
 
-    from grpo_core.train import sync_weights
-
     args, tr, cfg = ctx.args, ctx.tr, ctx.cfg
     eng, policy = tr.engine, tr.policy
     if not policy.is_lora:
@@ -131,30 +129,30 @@ def run_lora(ctx) -> None:
     with common.Timer() as t_base:
         try:
             if not policy.shares_base:  # a shared base is the engine's own already
-                eng.load_full_weights(policy.iter_full_weights(_dtype(cfg)))  # a LoRA policy yields its base, HF-named
+                eng.load_full_weights(tr.sync.full_weights(_dtype(cfg)))  # a LoRA policy yields its base, HF-named
         except Exception as exc:  # noqa: BLE001 - the timing still means something; the check then will not match
             import traceback
 
             traceback.print_exc()
             base_error = f"{type(exc).__name__}: {exc}"[:500]
     # 1. the current adapter in place and loaded; the steady one-token latency without any load
-    sync_weights(policy, eng, tr.adapter_dir)
+    tr.sync.push(eng)
     one_token(eng, probe, eng._lora_request())
     steady = statistics.median(one_token(eng, probe, plain(eng._lora_request())) for _ in range(3))
     before = engine_logprobs(eng, prompts, responses)
     # 2. baseline: plain vLLM loading an adapter it has not seen, from disk
     raw_dir = Path(tempfile.mkdtemp(prefix="bench-raw-adapter-"))
-    policy.save_lora_adapter(raw_dir)
+    tr.sync.save_adapter(raw_dir)
     raw = []
     for i in range(repeats):
         raw.append(max(0.0, one_token(eng, probe, LoRARequest(f"bench-raw-{i}", 1000 + i, str(raw_dir))) - steady))
-    # 3. ours: new adapter weights each time, sync_weights, then the load at the next request
+    # 3. ours: new adapter weights each time, WeightSync.push, then the load at the next request
     std = args.lora_perturb if args.lora_perturb is not None else (0.05 if args.tiny else 0.02)
     ours, parts = [], []
     for i in range(repeats):
         perturb_lora(policy, std, args.seed + 100 + i)
         with common.Timer() as t_sync:
-            reported = sync_weights(policy, eng, tr.adapter_dir)
+            reported = tr.sync.push(eng)
         first = max(0.0, one_token(eng, probe, eng._lora_request()) - steady)
         ours.append(t_sync.s + first)
         parts.append({"sync_weights_s": t_sync.s, "sync_weights_reported_s": reported, "load_at_next_request_s": first})
@@ -164,7 +162,7 @@ def run_lora(ctx) -> None:
     check = compare(after, mine, before)
     check.update(dtype=cfg.model.dtype, lora_rank=cfg.model.lora_rank, perturb_std=std, sequences=len(prompts),
                  base_weights_error=base_error)
-    adapter_mib = sum(f.stat().st_size for f in Path(tr.adapter_dir).glob("*")) / 2**20
+    adapter_mib = sum(f.stat().st_size for f in Path(tr.sync.adapter_dir).glob("*")) / 2**20
     common.record("sync_lora_s", statistics.median(ours), "s",
                   "plain vLLM loading an adapter already on disk (new LoRARequest, 1-token request)",
                   statistics.median(raw), ctx.out, higher_is_better=False, target={"op": "<=", "value": 0.5},
@@ -194,7 +192,7 @@ def _load_direct(worker, weights):
 def full_trainer_model(cfg, info, master_dtype):
     """A full-fine-tune trainer model without Policy's frozen reference copy
     (which would not fit next to the engine): fp32 master weights, FSDP2 as
-    Policy._shard does it, and Policy's own iter_full_weights/forward_logprobs."""
+    Policy._shard does it, and Policy's own forward_logprobs."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -212,7 +210,6 @@ def full_trainer_model(cfg, info, master_dtype):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     shim = types.SimpleNamespace(model=model, is_lora=False, reference=None, cfg=cfg.model, info=info)
-    shim.iter_full_weights = types.MethodType(Policy.iter_full_weights, shim)
     shim.forward_logprobs = types.MethodType(Policy.forward_logprobs, shim)
     return shim
 
@@ -220,7 +217,7 @@ def full_trainer_model(cfg, info, master_dtype):
 def run_full(ctx) -> None:
     import torch
 
-    from grpo_core.train import sync_weights
+    from grpo_core.weightsync import WeightSync
 
     args, tr, cfg = ctx.args, ctx.tr, ctx.cfg
     eng = tr.engine
@@ -239,10 +236,11 @@ def run_full(ctx) -> None:
                 master = _dtype(cfg)
                 print(f"[bench] sync_full: not enough free memory for fp32 master weights; using {master}", flush=True)
         shim = full_trainer_model(cfg, tr.info, master)
+        sync = WeightSync(shim, tr.sync.adapter_dir)
         ours, reported = [], []
         for _ in range(repeats):
             with common.Timer() as t:
-                reported.append(sync_weights(shim, eng, tr.adapter_dir))
+                reported.append(sync.push(eng))
             ours.append(t.s)
         after = engine_logprobs(eng, prompts, responses)
         mine = trainer_logprobs(shim.forward_logprobs, prompts, responses, tr.info.device, tr.tokenizer.pad_token_id)

@@ -64,6 +64,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
+    engine: str = "vllm"  # vllm | module:factory (another grpo_core.engine.Engine, e.g. tests.fake_engine:FakeEngine)
     n: int = 5  # samples per prompt: the GRPO group
     temperature: float = 1.0  # sampling temperature of training rollouts (validation is greedy)
     top_p: float = 1.0  # nucleus sampling of training rollouts
@@ -414,6 +415,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.data.task not in BUILTIN_TASKS and ":" not in cfg.data.task:
         raise ConfigError(f"data.task={cfg.data.task!r}; valid values: {', '.join(BUILTIN_TASKS)}, or module:function")
     check_plugins(cfg.data)
+    if cfg.rollout.engine != "vllm":
+        from .tasks import load_callable
+
+        load_callable(cfg.rollout.engine, "rollout.engine")
     positive = {
         "trainer.total_steps": t.total_steps, "trainer.prompts_per_step": t.prompts_per_step,
         "trainer.mini_batch_prompts": t.mini_batch_prompts, "trainer.micro_batch_size": t.micro_batch_size,

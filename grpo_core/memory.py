@@ -423,7 +423,7 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
                     Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")]
         if stage == "update (end of backward)":  # root grads' fp32 reduce-scatter input (its output is the grad shard)
             return [fsdp_root, Part("root grads reduce-scatter input (fp32)", _gib(root * 4) if not lora else 0.0, "gpu")]
-        if stage == "sync":  # full FT: iter_full_weights gathers one fp32 tensor + its copy at a time; LoRA: adapter file
+        if stage == "sync":  # full FT: WeightSync.full_weights gathers one fp32 tensor + its copy at a time; LoRA: adapter file
             biggest = max(shape.vocab, shape.intermediate) * shape.hidden * (4 + dbytes) if not lora else L * 4 / shape.layers
             return [Part("gathered weight in flight to vLLM", _gib(biggest), "gpu")]
         return []

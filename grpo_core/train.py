@@ -35,8 +35,10 @@ from .model_path import ModelPathError, resolve_model
 from .plots import write_curves
 from .preemption import WALLTIME, Preemption
 from .progress import Progress
+from .engine import Engine, make_engine
 from .tasks import Prompts, Reward, Task, make_reward, make_task, tokenize
 from .tracking import Tracker
+from .weightsync import WeightSync
 from .walltime import WalltimeGuard, job_end_time
 
 TIMING_KEYS = ("time_rollout", "time_reference", "time_update", "time_sync", "time_step", "tokens_per_s", "time_validation")
@@ -146,22 +148,7 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
     return {k: (sum(v) / minis if k not in ("grad_norm", "lr") else sum(v) / len(v)) for k, v in stats.items()}
 
 
-def sync_weights(policy, engine, adapter_dir: Path) -> float:
-    start = time.perf_counter()
-    dtype = torch.float32 if policy.cfg.dtype == "float32" else torch.bfloat16
-    if policy.is_lora:
-        if engine.discards_weights:  # sleep level 2 dropped the base weights too
-            engine.load_full_weights(policy.iter_full_weights(dtype))
-        # In the engine's dtype, cast on the device, one copy to the host (every
-        # rank: each has its own engine); vLLM loads it at the next request.
-        policy.save_lora_adapter(adapter_dir, dtype)
-        engine.load_lora(adapter_dir)
-    else:
-        engine.load_full_weights(policy.iter_full_weights(dtype))
-    return time.perf_counter() - start
-
-
-def validate(engine, task: Task, prompts: Prompts, cfg: TrainConfig) -> float:
+def validate(engine: Engine, task: Task, prompts: Prompts, cfg: TrainConfig) -> float:
     """Greedy accuracy on the test split: the task's own score == 1."""
     chosen = prompts.test[: cfg.trainer.val_prompts or None]
     samples = engine.greedy(chosen, cfg.rollout.val_max_tokens)
@@ -184,13 +171,13 @@ class Trainer:
     prompts: Prompts  # the task's rows, tokenized
     reward: Reward  # data.reward, else the task's score
     tokenizer: object
-    engine: object
+    engine: Engine
     policy: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: PromptSampler
     run_dir: Path
-    adapter_dir: Path
+    sync: WeightSync  # the policy's weights -> the engine
     state: checkpoint.TrainState = field(default_factory=checkpoint.TrainState)
 
 
@@ -209,21 +196,25 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     from transformers import AutoTokenizer
 
     from .policy import Policy
-    from .rollout import RolloutEngine
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except OSError as exc:  # a hub id that is unreachable or wrong
         raise ModelPathError(f"cannot load model.path={cfg.model.path}: {str(exc).strip().splitlines()[0]}") from None
     prompts = tokenize(task, tokenizer, cfg.data.max_prompt_tokens, cfg.data.task)
-    engine = RolloutEngine(
+    engine = make_engine(
         model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.trainer.seed, lora_rank=cfg.model.lora_rank,
         max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.rollout.val_max_tokens),
         on_cpu=info.device.type == "cpu", load_format=cfg.model.load_format,
     )
+    shared_base = None
+    if cfg.model.share_base_weights:
+        if not hasattr(engine, "share_weights"):
+            raise ConfigError(f"model.share_base_weights=true needs an engine that lends its weights; "
+                              f"rollout.engine={cfg.rollout.engine} does not")
+        shared_base = engine.share_weights
     policy = Policy(
-        model_path, cfg.model, cfg.trainer, info, needs_reference=cfg.algorithm.kl_coef > 0,
-        shared_base=engine.share_weights if cfg.model.share_base_weights else None,
+        model_path, cfg.model, cfg.trainer, info, needs_reference=cfg.algorithm.kl_coef > 0, shared_base=shared_base,
     )
     o = cfg.optim
     optimizer = torch.optim.AdamW(
@@ -235,7 +226,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # adapters travel through memory, not disk
     return Trainer(
         cfg, info, task, prompts, make_reward(cfg.data, task), tokenizer, engine, policy, optimizer, scheduler, sampler,
-        run_dir=Path(cfg.trainer.run_dir).resolve(), adapter_dir=Path(tempfile.mkdtemp(prefix="grpo-adapter-", dir=shm)),
+        run_dir=Path(cfg.trainer.run_dir).resolve(),
+        sync=WeightSync(policy, Path(tempfile.mkdtemp(prefix="grpo-adapter-", dir=shm))),
     )
 
 
@@ -287,7 +279,7 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
     update_stats = train_step(tr.policy, tr.optimizer, tr.scheduler, batch, cfg)
     time_update = time.perf_counter() - t0
     stage("sync")
-    time_sync = sync_weights(tr.policy, tr.engine, tr.adapter_dir)
+    time_sync = tr.sync.push(tr.engine)
     stage("end")
     lengths = torch.tensor([len(s.token_ids) for _, s, _ in flat], dtype=torch.float32)
     metrics = distributed.all_mean({
@@ -326,7 +318,7 @@ def resume_or_start(tr: Trainer) -> Path | None:
         checkpoint.set_rng_state(rng)
         print(f"[grpo] resuming from {latest} (step {tr.state.step})", flush=True)
     if latest is not None or tr.policy.is_lora:
-        sync_weights(tr.policy, tr.engine, tr.adapter_dir)
+        tr.sync.push(tr.engine)
     return latest
 
 
@@ -407,7 +399,7 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
             break
     if progress is not None:
         progress.close()
-    shutil.rmtree(tr.adapter_dir, ignore_errors=True)
+    shutil.rmtree(tr.sync.adapter_dir, ignore_errors=True)
     tr.engine.close()
     if info.is_main:
         rundir.write_status(run_dir, state=status)

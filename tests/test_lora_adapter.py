@@ -1,4 +1,4 @@
-"""The adapter written for the engine (Policy.save_lora_adapter): peft's names,
+"""The adapter written for the engine (WeightSync.save_adapter): peft's names,
 the engine's dtype, the trainer's values (lora_B carrying peft's scaling,
 the config saying lora_alpha == r), loadable by safetensors and by peft; the
 same bytes from 1 and 2 FSDP2 ranks, each of which writes its own copy."""
@@ -31,6 +31,7 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     from grpo_core import config, distributed
     from grpo_core.policy import Policy
+    from grpo_core.weightsync import WeightSync
 
     info = distributed.init_distributed("cpu")
     for dtype in DTYPES:
@@ -42,9 +43,10 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
         target = Path(out) / f"{dtype}-w{world}-r{rank}"
         # A first version, then the real one over it (the file is rewritten in place).
         policy.load_trainable_state_dict({k: v * 3 for k, v in state.items()})
-        policy.save_lora_adapter(target)
+        sync = WeightSync(policy, target)
+        sync.save_adapter(target)
         policy.load_trainable_state_dict(dict(state))  # a copy: loading fills the dict it is given
-        policy.save_lora_adapter(target)
+        sync.save_adapter(target)
         if rank == 0 and world == 1:
             torch.save(state, Path(out) / f"{dtype}-state.pt")
     distributed.barrier()
@@ -132,7 +134,7 @@ def test_peft_loads_it_back_as_the_same_adapter(written, model_dir, dtype):
 def test_write_safetensors_in_place_and_shrinking(tmp_path):
     from safetensors.torch import load_file
 
-    from grpo_core.adapter import write_safetensors
+    from grpo_core.weightsync import write_safetensors
 
     path = tmp_path / "a.safetensors"
     big = {"x": torch.arange(1000, dtype=torch.float32).reshape(10, 100), "y": torch.ones(3, dtype=torch.bfloat16)}

@@ -18,6 +18,7 @@ from tests.equivalence import assert_same_run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "tests" / "recipes" / "tiny_synthetic.yaml"
+FAKE_ENGINE = "tests.fake_engine:FakeEngine"
 
 
 def trainer_cmd(*overrides: str, module: str = "grpo_core.train") -> list[str]:
@@ -77,8 +78,9 @@ def test_tiny_model_learns_synthetic_arithmetic(tmp_path, tiny_model, reward):
 
 # ------------------------------------------------------------------ resume
 def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_model, mlflow_server):
-    """6 steps straight == killed after step 3's checkpoint, then resumed."""
-    common = [f"model.path={tiny_model}", "trainer.total_steps=6", "checkpoint.every=3", "checkpoint.keep=2",
+    """6 steps straight == killed after step 3's checkpoint, then resumed
+    (the loop and its checkpoints, so the pure-torch engine stands in for vLLM)."""
+    common = [f"model.path={tiny_model}", f"rollout.engine={FAKE_ENGINE}", "trainer.total_steps=6", "checkpoint.every=3", "checkpoint.keep=2",
               "trainer.prompts_per_step=8", "trainer.mini_batch_prompts=4", "trainer.micro_batch_size=16",
               "rollout.n=8", "algorithm.kl_coef=0.01", f"tracking.tracking_uri={mlflow_server}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -122,11 +124,15 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_model, mlflow_server):
 
 
 # ------------------------------------------------------------------ weight sync
+@pytest.mark.parametrize("engine", ["vllm", FAKE_ENGINE], ids=["vllm", "fake"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_engine_logprobs_match_trainer_after_update(tmp_path, tiny_model, mode):
-    """After real updates, vLLM's log-probs of fixed responses equal the
-    trainer's (fp32 on CPU: |diff| <= 2e-4 per token), and they moved."""
+def test_engine_logprobs_match_trainer_after_update(tmp_path, tiny_model, mode, engine):
+    """After real updates, the engine's log-probs of fixed responses equal the
+    trainer's (fp32 on CPU: |diff| <= 2e-4 per token), and they moved: for
+    vLLM, and for the fake engine the loop tests run on (which must take
+    weights exactly as vLLM does to stand in for it)."""
     extra = ["model.lora_rank=8", "model.lora_alpha=16", "optim.lr=0.01"] if mode == "lora" else []
+    extra.append(f"rollout.engine={engine}")
     # An untrained model rarely scores in 2 steps; the entropy term moves the
     # weights whatever the rewards are.
     extra.append("algorithm.entropy_coef=0.05")

@@ -1,5 +1,5 @@
-"""The whole trainer at world size 2 (torchrun, gloo, one vLLM engine per
-rank): a run SIGKILLed after a checkpoint and resumed ends bit-identical to
+"""The whole trainer at world size 2 (torchrun, gloo, one engine per rank:
+the pure-torch fake, as the loop is under test): a run SIGKILLed after a checkpoint and resumed ends bit-identical to
 an uninterrupted one."""
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def torchrun(run_dir: Path, model: Path) -> list[str]:
         "-m", "grpo_core.train", "--config", str(RECIPE), f"model.path={model}", f"trainer.run_dir={run_dir}",
         "trainer.total_steps=4", "checkpoint.every=2", "trainer.prompts_per_step=16", "trainer.mini_batch_prompts=8",
         "trainer.micro_batch_size=32", "rollout.n=8", "trainer.num_threads=1", "tracking.enabled=false",
+        "rollout.engine=tests.fake_engine:FakeEngine",
     ]
 
 
