@@ -459,8 +459,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, (value, zero_ok) in fractions.items():
         if not ((0 <= value if zero_ok else 0 < value) and (value < 1 if zero_ok else value <= 1)):
             raise ConfigError(f"{key}={value} must be in {'[0, 1)' if zero_ok else '(0, 1]'}")
-    if a.advantage_sign not in (1.0, -1.0):
-        raise ConfigError(f"algorithm.advantage_sign={a.advantage_sign}; valid values: 1, -1")
     if t.logprob_micro_batch_size < 0:
         raise ConfigError(f"trainer.logprob_micro_batch_size={t.logprob_micro_batch_size} must be >= 0 "
                           "(0: the same as trainer.micro_batch_size)")

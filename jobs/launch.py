@@ -45,7 +45,7 @@ def _cancel_requested(run_dir: Path) -> bool:
 def failure_code(exc: BaseException) -> int:
     from grpo_core.config import ConfigError
     from grpo_core.data import DataError
-    from grpo_core.setup import ModelPathError
+    from grpo_core.model_path import ModelPathError
 
     from grpo_core.checkpoint import CheckpointError
 

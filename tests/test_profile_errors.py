@@ -85,7 +85,6 @@ def test_extends_cycle(tmp_path: Path) -> None:
     ("train.trainer.mini_batch_prompts=7", "does not divide"),
     ("train.algorithm.kl_coef=-0.1", "algorithm.kl_coef=-0.1 must be >= 0"),
     ("train.algorithm.clip_low=-1", "algorithm.clip_low=-1.0 must be >= 0"),
-    ("train.algorithm.advantage_sign=2", "advantage_sign=2.0; valid values: 1, -1"),
     ("train.model.lora_rank=-8", "model.lora_rank=-8 must be >= 0"),
     ("train.data.max_prompt_tokens=0", "data.max_prompt_tokens=0 must be >= 1"),
     ("cluster.nodes=0", "cluster.nodes=0 must be >= 1"),
