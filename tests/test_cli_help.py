@@ -87,7 +87,7 @@ def test_train_show_config_prints_the_resolved_config(tmp_path: Path, capsys: py
     assert printed["rollout"]["n"] == 3 and printed["optim"]["lr"] == 2e-5 and printed["rollout"]["top_p"] == 1.0
     assert not (tmp_path / "runs").exists()
     assert main(["--config", str(cfg_file), "rollout.n=x", "--show-config"]) == 2
-    assert capsys.readouterr().err.startswith("error: rollout.n: expected int")
+    assert capsys.readouterr().err.startswith("error: override: rollout.n: expected int")
 
 
 def test_submit_show_config_is_the_profile_the_run_gets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -322,7 +322,7 @@ def test_cli_profile() -> None:
 
 def test_cli_bad_input() -> None:
     r = run_cli("--profile", "h100x2", "train.model.path=gpt2-xl")
-    assert r.returncode == 2 and r.stderr.startswith("plan: cannot tell the model shape")
+    assert r.returncode == 2 and r.stderr.startswith("error: plan: cannot tell the model shape")
     r = run_cli("--profile", "local")
     assert r.returncode == 2 and "--gpus" in r.stderr
 
