@@ -13,6 +13,11 @@
 #   VLLM_SITE         dir holding the vLLM bundle's packages, put on PYTHONPATH (default /tmp/site);
 #                     installed there first from /tmp/parts when missing (../shared/device/README.md)
 #   BENCH_ONLY        subset, space separated: "train_step train_step_nockpt planner_check suite gpu_checks"
+#                     (the default), or "fullft" (h800x4 recipe, depth-reduced 14B, ~540 s), "learning"
+#                     (the learning check, LoRA on a shared base, <= 300 s), "learning_full" (full FT, <= 300 s):
+#                     each of the last three needs a 10-minute run of its own
+#   BENCH_FULLFT_ARGS extra args for bench.fullft only (e.g. "--layers 6 --enforce-eager")
+#   BENCH_LEARNING_ARGS extra args for both bench.learning runs (e.g. "--steps 300")
 #   BENCH_DEADLINE_S  wall budget for the whole run (default 560; --tiny 1500); each process gets
 #                     what is left (train_step and planner_check at most 150 s each on the GPU)
 #   BENCH_SUITE_ARGS  extra args for bench.suite only (e.g. "--gpu-mem-util 0.3")
@@ -61,6 +66,9 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF-expandable_segments:Tru
 [ -z "${BENCH_GIT_SHA:-}" ] && BENCH_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown) && export BENCH_GIT_SHA
 
 if [ $TINY = 1 ]; then DEADLINE=${BENCH_DEADLINE_S:-1500}; CAP=600; else DEADLINE=${BENCH_DEADLINE_S:-560}; CAP=150; fi
+# fullft starts a vLLM engine and moves ~13 GiB of offloaded state per pass: its own cap; the
+# learning checks stop at their target (bench/learning.py --stop-at) within 300 s
+if [ $TINY = 1 ]; then FULLFT_CAP=600; LEARN_CAP=600; LEARN_TINY=(--steps 6 --no-verdict); else FULLFT_CAP=545; LEARN_CAP=300; LEARN_TINY=(); fi
 ONLY=${BENCH_ONLY:-"train_step train_step_nockpt planner_check suite gpu_checks"}
 # The recipe's recomputation choice and the one the shared base leaves room for.
 NOCKPT="model.gradient_checkpointing=false"
@@ -94,6 +102,12 @@ for v in $VARIANTS; do VARIANT_ARGS+=(--grpo-variant "$v"); done
 run suite 100000 bench.suite "${VARIANT_ARGS[@]}" "$@" ${BENCH_SUITE_ARGS:-}
 # shellcheck disable=SC2086
 run gpu_checks 100000 bench.gpu_checks "$@" ${BENCH_CHECKS_ARGS:-}
+# shellcheck disable=SC2086
+run fullft "$FULLFT_CAP" bench.fullft "$@" ${BENCH_FULLFT_ARGS:-}
+# shellcheck disable=SC2086
+run learning "$LEARN_CAP" bench.learning --mode lora "${LEARN_TINY[@]}" "$@" ${BENCH_LEARNING_ARGS:-}
+# shellcheck disable=SC2086
+run learning_full "$LEARN_CAP" bench.learning --mode full "${LEARN_TINY[@]}" "$@" ${BENCH_LEARNING_ARGS:-}
 
 "$PYTHON" -m bench.summary "$RESULTS" >> "$LOG" 2>&1 || say "summary failed"
 say "done in $(( $(date +%s) - START ))s; failed:${FAILED:- none}"
