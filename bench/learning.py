@@ -125,10 +125,10 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         rows = rundir.read_metrics(run_dir)
         curve = [float(r["reward_mean"]) for r in rows]
-        if len(curve) < START_STEPS + END_STEPS:
-            raise RuntimeError(f"only {len(curve)} steps ran (status {result.status})")
-        start = sum(curve[:START_STEPS]) / START_STEPS
-        final = sum(curve[-END_STEPS:]) / END_STEPS
+        if not curve:
+            raise RuntimeError(f"no step ran (status {result.status})")
+        start = sum(curve[:START_STEPS]) / len(curve[:START_STEPS])  # shorter runs (smoke): what there is
+        final = sum(curve[-END_STEPS:]) / len(curve[-END_STEPS:])
         passed = start <= START_MAX and final >= FINAL_MIN
         png = out / f"gpu_learning_curve{suffix}{common.METRIC_SUFFIX}.png"
         try:
