@@ -81,11 +81,13 @@ def test_gpu_scripts_pass_sbatch_test_only(name: str, gpu_node: LocalSlurm, tmp_
 
 
 def test_shell_metacharacters_reach_slurm_as_data(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
-    """A partition with `;` is refused by Slurm as a name; a comment with `$(...)` arrives verbatim."""
+    """A partition with `;` is refused at submit, before sbatch, naming the key; a comment with `$(...)`
+    reaches Slurm verbatim."""
     env, runs_dir = slurm_cluster.full_env(), str(tmp_path / "runs")
     out = _cli("jobs.submit", "--profile", "slurm-cpu", "--name", "evil", "--runs-dir", runs_dir,
                "cluster.partition=cpu; touch pwned", env=env)
-    assert out.returncode == 2 and "Invalid partition name specified" in _one_line_error(out.stderr)
+    error = _one_line_error(out.stderr)
+    assert out.returncode == 2 and "cluster.partition='cpu; touch pwned'" in error and "sbatch cannot take" in error
     assert not (tmp_path / "runs" / "evil").exists()
     comment = "x; touch pwned2 `touch pwned3` $(touch pwned4)"
     out = _cli("jobs.submit", "--profile", "slurm-cpu", "--name", "held", "--runs-dir", runs_dir,
