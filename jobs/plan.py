@@ -86,8 +86,16 @@ def format_plan(p: memory.Plan, key_prefix: str = "") -> str:
             lines.append(f"  would fit with any one of these lines, appended to this command as is "
                          f"(each peaks at most {memory.SUGGEST_HEADROOM:.0%} of the GPU):")
         lines += [f"    {' '.join(as_args(fix, key_prefix))}  # peak {peak:.1f} GiB, {peak / p.gpu_mem_gib:.0%} of "
-                  f"{p.gpu_mem_gib:g}" for fix, peak in p.fixes] or ["  no change found; use more GPUs or a smaller model"]
+                  f"{p.gpu_mem_gib:g}" for fix, peak in p.fixes] or [f"  no change found; {_no_fix_hint(p)}"]
     return "\n".join(lines)
+
+
+def _no_fix_hint(p: memory.Plan) -> str:
+    # Each rank's engine holds the whole model (TP 1, config.check_layout), so
+    # more GPUs shrink the trainer's share but never the engine's.
+    if p.kv_tokens < p.seq_len:
+        return "vLLM holds the whole model on every GPU, so more GPUs do not help: use GPUs with more memory or a smaller model"
+    return "use more GPUs or a smaller model"
 
 
 def as_args(fix: tuple[str, ...], key_prefix: str) -> list[str]:

@@ -18,7 +18,7 @@ def _suggested(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int
 
 
 @pytest.mark.parametrize("argv", [
-    ["--profile", "h800x4", "--gpu-mem-gib", "24"],
+    ["--profile", "h800x4", "--gpu-mem-gib", "36"],
     ["--profile", "h100x2", "train.trainer.micro_batch_size=64", "train.model.share_base_weights=false"],
     ["--profile", "h800x4", "train.trainer.micro_batch_size=64"],
 ])
@@ -36,6 +36,13 @@ def test_every_suggestion_pastes_into_the_same_command_and_keeps_headroom(argv, 
             assert submit.main(["--profile", argv[1], "--runs-dir", str(tmp_path), "--show-config",
                                 *[w for w in argv[2:] if w.startswith("train.")], *words]) == 0
             capsys.readouterr()
+
+
+def test_no_fix_says_why_more_gpus_do_not_help(capsys) -> None:
+    """At 24 GiB the engine's own copy of the 14B weights does not fit, whatever the GPU count."""
+    code, out, fixes = _suggested(capsys, ["--profile", "h800x4", "--gpu-mem-gib", "24"])
+    assert code == 1 and not fixes
+    assert "no change found; vLLM holds the whole model on every GPU, so more GPUs do not help" in out
 
 
 def test_config_mode_advice_has_no_train_prefix(capsys, tmp_path) -> None:
