@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from grpo_core.launchenv import env_int, env_local_rank, env_rank, env_world_size
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -24,13 +26,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if os.environ.get(name, "").strip():
-            return int(os.environ[name])
-    return default
 
 
 def _free_port() -> int:
@@ -62,11 +57,6 @@ def gpu_for_rank(visible: str | None, gpu_count: int, local_rank: int, world: in
     return ids[local_rank]
 
 
-def env_world_size() -> int:
-    """The job's rank count as the launcher set it (torchrun, Slurm), before any process group exists."""
-    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-
-
 def init_distributed(device_pref: str = "auto", *, own_gpu: bool = True) -> DistInfo:
     """Join (or create) the process group; idempotent within a process.
 
@@ -74,10 +64,7 @@ def init_distributed(device_pref: str = "auto", *, own_gpu: bool = True) -> Dist
     in-process engine always takes cuda:0 (its single-process executor reads
     no rank), so with every GPU visible all the ranks' engines would land on
     GPU 0. Engines with tensor_parallel_size > 1 need the other GPUs: False."""
-    # torchrun's variables win over Slurm's: torchrun may run inside an allocation.
-    world = env_world_size()
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    world, rank, local_rank = env_world_size(), env_rank(), env_local_rank()
     # device_count() asks NVML, which leaves CUDA uninitialised; is_available() would not.
     gpus = torch.cuda.device_count() if device_pref != "cpu" else 0
     mine = None
@@ -102,7 +89,7 @@ def init_distributed(device_pref: str = "auto", *, own_gpu: bool = True) -> Dist
         else:
             addr = os.environ.get("MASTER_ADDR") or _first_slurm_host() or "127.0.0.1"
             # A port derived from the job id keeps concurrent jobs on one node apart.
-            port = os.environ.get("MASTER_PORT") or str(20000 + _env_int("SLURM_JOB_ID", default=0) % 20000)
+            port = os.environ.get("MASTER_PORT") or str(20000 + env_int("SLURM_JOB_ID", default=0) % 20000)
             init_method = f"tcp://{addr}:{port}"
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo", init_method=init_method, rank=rank, world_size=world,

@@ -1,39 +1,78 @@
-"""The run directory's small files (status.json, metrics.jsonl) and the
-run's provenance (code version, where it ran)."""
+"""The run directory's small files (run.json, status.json, metrics.jsonl) and the
+run's provenance (code version, where it ran): the one copy, for the trainer and jobs.*."""
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from grpo_core.exitcodes import EXIT_BAD_INPUT
+
+
+class RunFileError(ValueError):
+    """A run-dir file that exists but is not a readable JSON object (torn, foreign, unreadable)."""
+
+    code = EXIT_BAD_INPUT
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Readers see the old file or the new one, never a part; the new one is on disk
+    (fsync'd, rename included) before this returns. Mode follows the umask, as a plain write's."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: the old file stays, no litter
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Makes the rename itself durable; a filesystem that cannot fsync a directory keeps it atomic all the same."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def read_json(path: Path, *, strict: bool = True) -> dict[str, Any]:
+    """A run-dir JSON file; {} when it does not exist. One that exists but is not a JSON object
+    raises RunFileError (one line naming the file), or gives {} when not `strict`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise RunFileError(f"{path}: unreadable ({exc})") from None
+        return {}
+    return data
 
 
 def write_status(run_dir: Path, **fields: Any) -> None:
     path = run_dir / "status.json"
-    status = read_json(path) or {}
+    status = read_json(path, strict=False)  # not ours (writes are atomic): start it afresh
     status.update(fields, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_json_atomic(path, status)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -83,7 +122,7 @@ def git_sha() -> str:
 
 def provenance_tags(run_dir: Path, restarts: int) -> dict[str, str]:
     """Facts that can change between restarts of one run: tags, not params."""
-    run_info = read_json(run_dir / "run.json") or {}
+    run_info = read_json(run_dir / "run.json", strict=False)
     env = os.environ.get
     sweep = run_info.get("sweep") or {}
     # A sweep's elements: the tag `sweep` groups them (jobs.compare --sweep, the UI's group-by),

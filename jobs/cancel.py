@@ -12,7 +12,7 @@ from typing import Sequence
 
 from grpo_core.cli import ArgumentParser
 from jobs import runs, sweep
-from jobs.runs import JobsError
+from jobs.runs import JobsError, RunFileError
 
 
 def cancel(run_dir: Path) -> str:
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(sweep_cli.cancel(swept)))
             return 0
         print(cancel(runs.resolve_run(args.run, root)))
-    except (JobsError, OSError) as exc:
+    except (JobsError, RunFileError, OSError) as exc:
         runs.fail_on(exc)
     return 0
 

@@ -28,6 +28,7 @@ from typing import Any, NoReturn, Sequence
 from grpo_core.cli import ArgumentParser
 from grpo_core.cli import fail as cli_fail
 from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED
+from grpo_core.rundir import RunFileError, read_json
 from grpo_core.tracking import STEP_KEY, quiet_http_env
 
 PLOTS = {  # file stem -> (metric, y label)
@@ -74,7 +75,7 @@ def pick_tracking_uri(explicit: str | None, tokens: Sequence[str]) -> str:
     for token in tokens:  # a run dir knows where its run was logged
         status = Path(token) / "status.json"
         if status.is_file():
-            uri = _read_status(status).get("mlflow_tracking_uri")
+            uri = read_json(status).get("mlflow_tracking_uri")
             if uri:
                 return str(uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -83,14 +84,6 @@ def pick_tracking_uri(explicit: str | None, tokens: Sequence[str]) -> str:
     if db.is_file():
         return f"sqlite:///{db.resolve()}"
     raise CompareError(f"no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI (no {db} here)")
-
-
-def _read_status(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CompareError(f"{path}: unreadable ({exc})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def _all_experiment_ids(client: Any) -> list[str]:
@@ -111,7 +104,7 @@ def resolve_token(client: Any, token: str, experiment_ids: list[str]) -> Any:
 
     status = Path(token) / "status.json"
     if status.is_file():
-        run_id = _read_status(status).get("mlflow_run_id")
+        run_id = read_json(status).get("mlflow_run_id")
         if not run_id:
             raise CompareError(f"{token}: status.json has no mlflow_run_id (tracking disabled or not started)")
         token = str(run_id)
@@ -337,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except CompareError as exc:
+    except (CompareError, RunFileError) as exc:
         fail(str(exc), exc.code)
     except Exception as exc:  # noqa: BLE001 - e.g. a bad --where; one line, no traceback
         fail(f"{type(exc).__name__}: {_first_line(exc)}", EXIT_FAILED)

@@ -26,7 +26,9 @@ from typing import Any
 
 from submitit.helpers import DelayedSubmission
 
+from grpo_core import rundir  # light (no torch): unpickling the job stays cheap
 from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
+from grpo_core.launchenv import env_rank
 
 
 def _log(message: str) -> None:
@@ -34,12 +36,8 @@ def _log(message: str) -> None:
 
 
 def _cancel_requested(run_dir: Path) -> bool:
-    from jobs.runs import read_json  # jobs.runs is light; kept lazy so unpickling stays cheap
-
-    try:
-        return bool(read_json(run_dir / "run.json").get("cancel_requested"))
-    except Exception:  # noqa: BLE001 - an unreadable marker must not stop a requeue
-        return False
+    # An unreadable marker must not stop a requeue: not strict.
+    return bool(rundir.read_json(run_dir / "run.json", strict=False).get("cancel_requested"))
 
 
 def failure_code(exc: BaseException) -> int:
@@ -64,18 +62,12 @@ def failure_line(exc: BaseException) -> str:
 
 def _record_failure(run_dir: Path, exc: BaseException) -> None:
     """The reason goes into status.json, so jobs.status and a following jobs.submit can say it."""
-    if _rank() != 0:
+    if env_rank() != 0:
         return
-    from grpo_core import rundir
-
     try:
         rundir.write_status(run_dir, state="failed", error=failure_line(exc), exit_code=failure_code(exc))
     except OSError:
         pass  # e.g. the disk is full: the log still has the reason
-
-
-def _rank() -> int:
-    return int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")))
 
 
 def _requeue(job_id: str) -> bool:
@@ -117,7 +109,7 @@ class Launch:
         if result.status != "preempted":
             return summary
         job_id = os.environ.get("SLURM_JOB_ID")
-        if flag.requeue_self and job_id and _rank() == 0 and not _cancel_requested(run_dir):
+        if flag.requeue_self and job_id and env_rank() == 0 and not _cancel_requested(run_dir):
             # The time-limit warning or the trainer's own walltime save: nobody else brings the job back.
             if _requeue(job_id):
                 sys.exit(EXIT_PREEMPTED)  # no result pickle: the requeued job writes the real one

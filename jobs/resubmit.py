@@ -16,7 +16,7 @@ from grpo_core.config import ConfigError
 from jobs import runs, sweep
 from jobs.profiles import Profile, load_resolved
 from jobs.render import RunSpec
-from jobs.runs import JobsError
+from jobs.runs import JobsError, RunFileError
 from jobs.submit import print_started, start_job, write_run_files
 
 RESUMABLE = ("stopped", "failed", "cancelled")
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sweep_cli.follow_sweep(swept) if follow else 0
         run_dir = runs.resolve_run(args.run, root)
         profile, run, info = resubmit(run_dir, args.overrides)
-    except (JobsError, ConfigError, OSError) as exc:
+    except (JobsError, RunFileError, ConfigError, OSError) as exc:
         runs.fail_on(exc)
     print_started(profile, run, info)
     follow = args.follow if args.follow is not None else info.get("launcher") == "local"

@@ -8,7 +8,6 @@ status.json, metrics.jsonl and checkpoints/ (docs/CONTRACTS.md).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ from typing import Any, NoReturn, Sequence
 
 from grpo_core import cli
 from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_ENVIRONMENT
+from grpo_core.rundir import RunFileError, read_json, write_json_atomic  # noqa: F401 - jobs.* use them as runs.*
 
 RUNS_ENV = "GRPO_RUNS_DIR"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -90,28 +90,9 @@ def recent_runs(root: Path, limit: int = 20) -> list[Path]:
     return sorted(dirs, key=mtime, reverse=True)[:limit]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise JobsError(f"{path}: unreadable ({exc})") from None
-    return data if isinstance(data, dict) else {}
-
-
 def read_status(run_dir: Path) -> dict[str, Any]:
-    """The trainer's status.json, or {} before the trainer first writes it."""
-    try:
-        return read_json(run_dir / "status.json")
-    except JobsError:
-        return {}  # replaced atomically, so this is a partial copy or a foreign file
+    """The trainer's status.json, or {} before the trainer first writes it or if it is not the trainer's."""
+    return read_json(run_dir / "status.json", strict=False)
 
 
 def last_job(info: dict[str, Any]) -> dict[str, Any]:
@@ -243,7 +224,7 @@ def view(run_dir: Path) -> RunView:
     """One run's view; a run whose files are unreadable is shown as such, never fatal for a listing."""
     try:
         return _view(run_dir)
-    except (JobsError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (JobsError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # RunFileError too
         return RunView(name=run_dir.name, run_dir=run_dir, state="unreadable", job_id="-", job_state="-",
                        step=None, total_steps=None, last_reward=None, restarts=0, latest_checkpoint=None,
                        mlflow_run_id=None, mlflow_uri=None, log="-", error=one_line(str(exc)) or type(exc).__name__)

@@ -21,7 +21,7 @@ from grpo_core import progress
 from grpo_core.cli import ArgumentParser
 from grpo_core.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from jobs import runs, sweep, sweep_cli
-from jobs.runs import JobsError, RunView
+from jobs.runs import JobsError, RunFileError, RunView
 
 DONE = ("finished", "stopped", "cancelled", "failed")
 POLL_S = 2.0
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             views = [runs.view(run_dir)]
         else:
             views = [runs.view(d) for d in runs.recent_runs(root, args.limit)]
-    except (JobsError, OSError) as exc:
+    except (JobsError, RunFileError, OSError) as exc:
         runs.fail_on(exc)
     if args.json:
         print(json.dumps([{**v.__dict__, "run_dir": str(v.run_dir)} for v in views], indent=2))

@@ -28,7 +28,7 @@ from jobs.launch import Launch
 from jobs.profiles import (BUILTIN_DIR, PROFILES_ENV, Profile, describe, dump_profile, key_reference, list_profiles,
                            load_profile, replace_train)
 from jobs.render import RunSpec, python_command, render_sbatch, submitit_parameters
-from jobs.runs import JobsError
+from jobs.runs import JobsError, RunFileError
 
 
 def default_name(profile: str) -> str:
@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return sweep_cli.submit(args)
-        except (ConfigError, JobsError, OSError) as exc:
+        except (ConfigError, JobsError, RunFileError, OSError) as exc:
             runs.fail_on(exc)
     try:
         profile = load_profile(args.profile, args.overrides)
@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-created
             raise
-    except (ConfigError, JobsError, OSError) as exc:
+    except (ConfigError, JobsError, RunFileError, OSError) as exc:
         runs.fail_on(exc)
     print_started(profile, run, info)
     follow = args.follow if args.follow is not None else profile.cluster.launcher == "local"
