@@ -82,16 +82,18 @@ def test_gpu_scripts_pass_sbatch_test_only(name: str, gpu_node: LocalSlurm, tmp_
 
 def test_shell_metacharacters_reach_slurm_as_data(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
     """A partition with `;` is refused at submit, before sbatch, naming the key; a comment with `$(...)`
-    reaches Slurm verbatim."""
+    reaches Slurm verbatim; an env value with commands is exported as data."""
     env, runs_dir = slurm_cluster.full_env(), str(tmp_path / "runs")
     out = _cli("jobs.submit", "--profile", "slurm-cpu", "--name", "evil", "--runs-dir", runs_dir,
                "cluster.partition=cpu; touch pwned", env=env)
     error = _one_line_error(out.stderr)
     assert out.returncode == 2 and "cluster.partition='cpu; touch pwned'" in error and "sbatch cannot take" in error
     assert not (tmp_path / "runs" / "evil").exists()
-    comment = "x; touch pwned2 `touch pwned3` $(touch pwned4)"
+    # An #SBATCH value cannot hold spaces (refused at submit), so the commands use ${IFS}; the env value may.
+    comment = "x;touch${IFS}pwned2;`touch${IFS}pwned3`$(touch${IFS}pwned4)"
     out = _cli("jobs.submit", "--profile", "slurm-cpu", "--name", "held", "--runs-dir", runs_dir,
-               f"cluster.sbatch.comment={comment}", "cluster.sbatch.hold=true", f"cluster.env.X={comment}", env=env)
+               f"cluster.sbatch.comment={comment}", "cluster.sbatch.hold=true",
+               "cluster.env.X=x; touch pwned5 `touch pwned6` $(touch pwned7)", env=env)
     assert out.returncode == 0, out.stderr
     job_id = re.search(r"job:\s+(\d+) \(Slurm job\)", out.stdout).group(1)  # type: ignore[union-attr]
     assert slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%k").stdout.strip() == comment
