@@ -316,12 +316,24 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
     return ConfigError(f"{where}: not valid YAML: {problem}")
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader, except that YAML 1.1's base-60 numbers stay text: `time: 4:00:00` is a Slurm
+    time (not the int 14400), the same value as `cluster.time=4:00:00` on the command line."""
+
+
+_Loader.yaml_implicit_resolvers = {  # int and float resolvers that do not match text with a ':'
+    first: [(tag, re.compile("^(?!.*:)" + rx.pattern.removeprefix("^"), rx.flags)
+             if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") else rx) for tag, rx in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise _yaml_error(path, exc) from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -8,12 +8,15 @@ the limit? If not, it saves now and the job requeues itself, the same way
 as on a USR2 warning (grpo_core.preemption.WALLTIME).
 
 `must_stop` is the decision, a pure function; `WalltimeGuard` feeds it the
-measured times.
+measured times. `parse_time_limit` reads a time limit as sbatch --time
+writes it (cluster.time), the one place those forms are known.
 """
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
+import re
 import subprocess
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,6 +24,41 @@ from typing import Callable, Mapping, Sequence
 
 EMA_WEIGHT = 0.3  # of the newest step: a slower step moves the estimate at once
 RECENT_STEPS = 5  # the estimate is never below the slowest of these
+
+# sbatch --time's forms (man sbatch); a bare number is minutes.
+TIME_FORMS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+_TIME_RE = re.compile(r"(?:([0-9]+)-)?([0-9]+(?::[0-9]+){0,2})")
+
+
+def parse_time_limit(text: str) -> int:
+    """A time limit in one of sbatch's --time forms -> seconds (> 0).
+
+    Without days, 1, 2 or 3 fields are MM, MM:SS, HH:MM:SS; with days,
+    D-HH, D-HH:MM, D-HH:MM:SS. The leading field may be as large as you like
+    (90, 90:00 and 36:00:00 are fine); the others are clock fields. No limit
+    (0, UNLIMITED) is refused: the trainer plans its last save before the end.
+    ValueError's message is one line that names the accepted forms."""
+    match = _TIME_RE.fullmatch(str(text).strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a Slurm time; use {TIME_FORMS} (e.g. 90, 4:00:00, 2-00:00:00)")
+    days, clock = match.group(1), [int(f) for f in match.group(2).split(":")]
+    if days is None:
+        units = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(clock)]
+    else:
+        units = (3600, 60, 1)[: len(clock)]
+        if clock[0] > 23:
+            raise ValueError(f"{text!r}: hours after 'D-' go up to 23; use {TIME_FORMS}")
+    if any(f > 59 for f in clock[1:]):  # minutes and seconds after the leading field
+        raise ValueError(f"{text!r}: minutes and seconds after ':' go up to 59; use {TIME_FORMS}")
+    seconds = int(days or 0) * 86400 + sum(f * u for f, u in zip(clock, units))
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: a job needs a time limit above 0; use {TIME_FORMS}")
+    return seconds
+
+
+def limit_minutes(seconds: int) -> int:
+    """What Slurm applies: whole minutes, rounded up (it rounds --time=1:30 up to 2 minutes)."""
+    return math.ceil(seconds / 60)
 
 
 def step_estimate(recent: Sequence[float], ema: float | None) -> float | None:

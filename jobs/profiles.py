@@ -23,6 +23,7 @@ import yaml
 from grpo_core.config import (ConfigError, TrainConfig, apply_overrides, build, check_layout, check_text, locate,
                               read_yaml, to_dict, validate, yaml_lines)
 from grpo_core.secrecy import looks_secret, secret_in
+from grpo_core.walltime import TIME_FORMS, limit_minutes, parse_time_limit
 
 # Package data: in the checkout and in an installed wheel alike (a wheel is
 # installed as plain files, so the Traversable is a real folder).
@@ -34,7 +35,7 @@ PROFILES_ENV = "GRPO_PROFILES_DIR"
 # from a profile would silently fight it.
 SUBMITIT_OWNED = ("output", "error", "open-mode", "signal", "array")
 # Options that have a typed field of their own: one place per setting.
-HAS_FIELD = {"partition": "partition", "account": "account", "qos": "qos", "nodes": "nodes", "time": "time_min",
+HAS_FIELD = {"partition": "partition", "account": "account", "qos": "qos", "nodes": "nodes", "time": "time",
              "mem": "mem", "cpus-per-task": "cpus_per_task", "gpus-per-node": "gpus_per_node",
              "ntasks-per-node": "tasks_per_node", "job-name": "<the run name>"}
 # Values sbatch reads from "#SBATCH --key=value" lines, where nothing can be
@@ -47,6 +48,8 @@ SLURM_PATH_RE = re.compile(r"^[A-Za-z0-9_./+@:,=~-]+$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SBATCH_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 MAPPING_FIELDS = ("env", "sbatch")  # YAML mappings, stored as ("KEY=VALUE", ...)
+# Earlier spellings of cluster keys, still read (older profiles, run dirs' profile.yaml): old -> new.
+CLUSTER_ALIASES = {"time_min": "time"}  # whole minutes, which is cluster.time's MM form
 TOP_KEYS = ("cluster", "description", "extends", "train")
 
 
@@ -62,7 +65,9 @@ class ClusterConfig:
     gpus_per_node: int = 0  # sbatch --gpus-per-node; 0 = none requested
     cpus_per_task: int = 0  # 0 = the cluster's default
     mem: str = ""  # sbatch --mem, e.g. "200G"; "" = the cluster's default
-    time_min: int = 60  # whole minutes: submitit writes --time from an int
+    # sbatch --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (90, 4:00:00, 2-00:00:00); a bare
+    # number is minutes. Slurm counts whole minutes (seconds round up), and so does the script.
+    time: str = "60"
     signal_lead_s: int = 300  # USR2 this long before the time limit: enough to checkpoint
     max_requeues: int = 100  # submitit's own timeout countdown, for signals before the trainer starts
     python: str = ""  # interpreter path on the compute nodes (one word, quoted); "" = the one running jobs.submit
@@ -70,6 +75,11 @@ class ClusterConfig:
     setup: tuple[str, ...] = ()  # shell lines run before the trainer (module load ...); code by design, not quoted
     env: tuple[str, ...] = ()  # KEY=VALUE, exported (quoted) in the script; one entry: cluster.env.KEY=VALUE
     sbatch: tuple[str, ...] = ()  # extra sbatch options: key=value, or a bare flag; one: cluster.sbatch.KEY=VALUE
+
+    @property
+    def time_min(self) -> int:
+        """The limit Slurm applies, in whole minutes (what submitit writes as --time)."""
+        return limit_minutes(parse_time_limit(self.time))
 
     def env_map(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.env)
@@ -195,6 +205,8 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = (), files: list[Path] | None 
     for part in ("cluster", "train"):
         if not isinstance(data.get(part, {}), Mapping):
             raise ConfigError(f"profile {path.stem}: '{part}' must be a mapping")
+    if "cluster" in data:  # per file, so that a child's old spelling still overrides its parent's new one
+        data["cluster"] = _current_keys(data["cluster"], str(path))
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -203,6 +215,32 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = (), files: list[Path] | None 
     base = _read_raw(find_profile(parent, relative_to=path.parent, skip=seen + (path,)), seen + (path,), files)
     base.pop("description", None)  # a description belongs to one file
     return deep_merge(base, data)
+
+
+def _current_keys(cluster: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """cluster keys under their current names (CLUSTER_ALIASES); old and new name together are refused."""
+    out = dict(cluster)
+    for old, new in CLUSTER_ALIASES.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"{where}: cluster.{old} is the old name of cluster.{new}; set only cluster.{new}")
+            out[new] = out.pop(old)
+    return out
+
+
+def _current_override(item: str) -> str:
+    key, sep, value = item.partition("=")
+    head, _, name = key.strip().partition(".")
+    return f"cluster.{CLUSTER_ALIASES[name]}={value}" if sep and head == "cluster" and name in CLUSTER_ALIASES else item
+
+
+def _time_text(cluster: dict[str, Any]) -> None:
+    """cluster.time as text: YAML reads `time: 90` as a number, which is sbatch's MM form."""
+    value = cluster.get("time")
+    if isinstance(value, int) and not isinstance(value, bool):
+        cluster["time"] = str(value)
+    elif value is not None and not isinstance(value, str):
+        raise ConfigError(f"cluster.time: {value!r} is not a Slurm time; use {TIME_FORMS}")
 
 
 def _mapping_to_items(value: Any, where: str) -> Any:
@@ -241,7 +279,11 @@ def _check_cluster(c: ClusterConfig, train: TrainConfig) -> None:
     for key, allowed in cluster_choices().items():
         if getattr(c, key) not in allowed:
             raise ConfigError(f"cluster.{key}={getattr(c, key)!r}; valid values: {', '.join(allowed)}")
-    for key in ("nodes", "tasks_per_node", "time_min", "signal_lead_s"):
+    try:
+        parse_time_limit(c.time)
+    except ValueError as exc:
+        raise ConfigError(f"cluster.time: {exc}") from None
+    for key in ("nodes", "tasks_per_node", "signal_lead_s"):
         if getattr(c, key) < 1:
             raise ConfigError(f"cluster.{key}={getattr(c, key)} must be >= 1")
     for key in ("gpus_per_node", "cpus_per_task", "max_requeues"):
@@ -249,8 +291,8 @@ def _check_cluster(c: ClusterConfig, train: TrainConfig) -> None:
             raise ConfigError(f"cluster.{key}={getattr(c, key)} must be >= 0")
     # Slurm's --signal accepts at most 65535 s, and a lead as long as the job never lets it run.
     if c.signal_lead_s > min(65535, c.time_min * 60 // 2):
-        raise ConfigError(f"cluster.signal_lead_s={c.signal_lead_s} must be at most half of cluster.time_min "
-                          f"({c.time_min} min) and <= 65535")
+        raise ConfigError(f"cluster.signal_lead_s={c.signal_lead_s} must be at most half of cluster.time "
+                          f"({c.time!r}: {c.time_min} min) and <= 65535")
     for key, pattern, what in (("partition", SLURM_NAME_RE, "letters, digits and _.,:+@-"),
                                ("account", SLURM_NAME_RE, "letters, digits and _.,:+@-"),
                                ("qos", SLURM_NAME_RE, "letters, digits and _.,:+@-"),
@@ -324,11 +366,13 @@ def profile_from_data(name: str, data: Mapping[str, Any], overrides: Sequence[st
     data = dict(data)
     description = data.pop("description", "") or ""
     data.pop("extends", None)
+    overrides = [_current_override(item) for item in overrides]
     try:
         plain, entries = _split_overrides(overrides)
-        merged = apply_overrides(_ProfileData, {"cluster": dict(data.get("cluster") or {}),
+        merged = apply_overrides(_ProfileData, {"cluster": _current_keys(data.get("cluster") or {}, source or name),
                                                 "train": dict(data.get("train") or {})}, plain)
         cluster = dict(merged["cluster"])
+        _time_text(cluster)
         for fname in MAPPING_FIELDS:
             current = cluster.get(fname, {})
             if entries[fname]:

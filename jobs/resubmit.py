@@ -53,7 +53,7 @@ def resubmit(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Profile, Run
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m jobs.resubmit", description="Resume a GRPO run from its newest checkpoint.")
     p.add_argument("run", help="run or sweep name, or run dir (a sweep: its stopped, failed and cancelled elements)")
-    p.add_argument("overrides", nargs="*", metavar="cluster.KEY=VALUE", help="e.g. cluster.time_min=600")
+    p.add_argument("overrides", nargs="*", metavar="cluster.KEY=VALUE", help="e.g. cluster.time=10:00:00")
     p.add_argument("--runs-dir", help=f"where run dirs live (default: ${runs.RUNS_ENV} or ./runs)")
     p.add_argument("--follow", dest="follow", action="store_true", default=None,
                    help="stream progress until the job ends (default for local runs)")

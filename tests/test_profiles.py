@@ -74,10 +74,11 @@ def test_h800x4_is_the_full_finetune_seed_recipe_and_inherits() -> None:
 
 
 def test_overrides_use_dotted_keys_for_both_parts() -> None:
-    p = load_profile("h100x2", ["cluster.partition=big", "train.rollout.n=8", "cluster.time_min=90",
+    p = load_profile("h100x2", ["cluster.partition=big", "train.rollout.n=8", "cluster.time=1:30:00",
                                 "cluster.env.NCCL_DEBUG=INFO", "cluster.sbatch.exclusive=true",
                                 "cluster.sbatch.constraint=h100"])
     assert p.cluster.partition == "big" and p.train.rollout.n == 8 and p.cluster.time_min == 90
+    assert p.cluster.time == "1:30:00"  # kept as written; time_min is what Slurm applies
     assert p.cluster.env_map()["NCCL_DEBUG"] == "INFO"
     assert p.cluster.env_map()["PYTHONUNBUFFERED"] == "1"  # one entry changed, the rest kept
     assert p.cluster.sbatch_map() == {"exclusive": True, "constraint": "h100"}
@@ -91,7 +92,7 @@ def test_overrides_use_dotted_keys_for_both_parts() -> None:
     ("cluster.nodes=0", "must be >= 1"),
     ("cluster.launcher=k8s", "valid values: slurm, local"),
     ("cluster.template=nope", "valid values: grpo"),
-    ("cluster.signal_lead_s=50000", "at most half of cluster.time_min"),
+    ("cluster.signal_lead_s=50000", "at most half of cluster.time ('1-00:00:00': 1440 min)"),
     ("train.rollout.tensor_parallel_size=8", "each rank needs the whole base"),
     ("train.trainer.mini_batch_prompts=100", "does not divide"),
     ("train.trainer.logprob_micro_batch_size=-1", "0: the same as trainer.micro_batch_size"),
@@ -176,3 +177,36 @@ def test_resolved_profile_round_trips(name: str, tmp_path: Path) -> None:
     path.write_text(dump_profile(p))
     back = load_resolved(path)
     assert dataclasses.replace(back, source="") == dataclasses.replace(p, source="")
+
+
+@pytest.mark.parametrize("yaml_value, minutes", [
+    ("90", 90),             # a YAML number: sbatch's MM form
+    ("'90'", 90),
+    ("4:00:00", 240),       # unquoted: YAML 1.1 would read the base-60 int 14400, i.e. 14400 minutes
+    ("90:00", 90),          # MM:SS
+    ("2-00:00:00", 2880),
+    ("1-12", 2160),
+    ("0:04:30", 5),         # Slurm rounds seconds up to the minute
+])
+def test_cluster_time_in_slurm_forms_from_yaml(yaml_value: str, minutes: int, tmp_path: Path) -> None:
+    path = _write(tmp_path, "mine", f"extends: slurm-cpu\ncluster:\n  time: {yaml_value}\n")
+    profile = load_profile(str(path))
+    assert profile.cluster.time_min == minutes
+    assert f"#SBATCH --time={minutes}\n" in _script(profile)
+    assert load_resolved(_write(tmp_path, "again", dump_profile(profile))).cluster == profile.cluster
+
+
+def test_cluster_time_old_spelling_still_reads(tmp_path: Path) -> None:
+    """time_min (whole minutes) was the key before cluster.time: old profiles and run dirs keep working."""
+    assert load_profile("h100x2", ["cluster.time_min=45"]).cluster.time_min == 45
+    old = _write(tmp_path, "old", "extends: h100x2\ncluster:\n  time_min: 30\n")
+    assert load_profile(str(old)).cluster.time == "30"  # and it overrides the parent's cluster.time
+    both = _write(tmp_path, "both", "extends: h100x2\ncluster:\n  time_min: 30\n  time: '1:00:00'\n")
+    with pytest.raises(ConfigError, match="cluster.time_min is the old name of cluster.time; set only cluster.time"):
+        load_profile(str(both))
+
+
+def _script(profile: profiles.Profile) -> str:
+    from jobs.render import RunSpec, render_sbatch
+
+    return render_sbatch(profile, RunSpec(name="t", run_dir="/shared/runs/t", workdir="/shared", python="python3"))

@@ -277,13 +277,13 @@ def test_cancel_then_resubmit(fake, capsys) -> None:
     with pytest.raises(SystemExit):
         resubmit.main(["c", "train.rollout.n=2"])
     assert "only cluster.* can change" in _one_line_error(capsys.readouterr().err)
-    assert resubmit.main(["c", "cluster.time_min=45"]) == 0
+    assert resubmit.main(["c", "cluster.time=0:45:00"]) == 0
     out = capsys.readouterr().out
     assert "job:      4243 (Slurm job)" in out
     info = json.loads((run_dir / "run.json").read_text())
     assert [j["id"] for j in info["jobs"]] == ["4242", "4243"] and info["cancel_requested"] is None
     assert "#SBATCH --time=45\n" in (fake.state / "script_4243.sh").read_text()
-    assert "time_min: 45" in (run_dir / "profile.yaml").read_text()
+    assert "time: 0:45:00" in (run_dir / "profile.yaml").read_text()
     with pytest.raises(SystemExit):  # now pending again: refuse a second job on the same run dir
         resubmit.main(["c"])
     assert "(job 4243 PENDING); cancel it first" in _one_line_error(capsys.readouterr().err)

@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 from grpo_core.preemption import WALLTIME, Preemption
-from grpo_core.walltime import WalltimeGuard, job_end_time, must_stop, parse_end_time, step_estimate
+from grpo_core.walltime import (WalltimeGuard, job_end_time, limit_minutes, must_stop, parse_end_time, parse_time_limit,
+                                step_estimate)
 
 
 def test_must_stop_by_hand() -> None:
@@ -127,3 +128,38 @@ def test_trainer_saves_before_the_job_end(tmp_path) -> None:
     assert [line.split(" (")[0] for line in lines] == ["[grpo] step 2/3", "[grpo] step 3/3"], far.stdout
     assert " eta 0:00:00 | " in lines[-1] and "tok/s | reward " in lines[-1] and "| slowest " in lines[-1]
     assert json.loads((run_dir / "status.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90", 90 * 60),                            # MM: a bare number is minutes
+    ("0:45", 45),                               # MM:SS
+    ("90:30", 90 * 60 + 30),                    # MM:SS, minutes past the hour are fine
+    ("4:00:00", 4 * 3600),                      # HH:MM:SS
+    ("36:15:07", 36 * 3600 + 15 * 60 + 7),      # HH:MM:SS, hours past a day are fine
+    ("2-12", 2 * 86400 + 12 * 3600),            # D-HH
+    ("1-00:30", 86400 + 30 * 60),               # D-HH:MM
+    ("2-00:00:00", 2 * 86400),                  # D-HH:MM:SS
+    ("0-00:00:01", 1),
+    (" 3-04:05:06 ", 3 * 86400 + 4 * 3600 + 5 * 60 + 6),
+])
+def test_parse_time_limit_by_hand(text: str, seconds: int) -> None:
+    assert parse_time_limit(text) == seconds
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("", "is not a Slurm time"), ("abc", "is not a Slurm time"), ("1h", "is not a Slurm time"),
+    ("-5", "is not a Slurm time"), ("1:2:3:4", "is not a Slurm time"), ("1-", "is not a Slurm time"),
+    ("1.5", "is not a Slurm time"), ("UNLIMITED", "is not a Slurm time"), ("\u0661\u0662", "is not a Slurm time"),
+    ("0", "above 0"), ("0-00:00:00", "above 0"),
+    ("1:60", "go up to 59"), ("1:60:00", "go up to 59"), ("1-02:03:60", "go up to 59"), ("1-24", "up to 23"),
+])
+def test_parse_time_limit_refuses_in_one_line_naming_the_forms(text: str, needle: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_time_limit(text)
+    message = str(info.value)
+    assert needle in message and "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS" in message
+    assert "\n" not in message
+
+
+def test_limit_minutes_rounds_up_as_slurm_does() -> None:
+    assert [limit_minutes(s) for s in (1, 59, 60, 61, 90, 5400, 2 * 86400)] == [1, 1, 1, 2, 2, 90, 2880]
