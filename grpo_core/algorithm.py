@@ -12,9 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .constants import HEAD_CHUNK_TOKENS, KL_ESTIMATORS, LOGPROB_CHUNK, LOSS_AGG_MODES
+
 __all__ = [
+    "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "aggregate_loss",
+    "aggregate_weight",
     "entropy_from_logits",
     "group_advantages",
     "kl_penalty",
@@ -24,9 +28,6 @@ __all__ = [
     "policy_loss",
     "token_logprobs",
 ]
-
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
 
 def group_advantages(rewards: Tensor, group_size: int, *, eps: float = 1e-6, norm_by_std: bool = True) -> Tensor:
     """GRPO outcome advantages; rewards are laid out group by group ([B*n]).
@@ -86,6 +87,15 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str, *, norm_
     return masked_mean(seq, seq_has_tokens)
 
 
+def aggregate_weight(mask: Tensor, loss_agg: str) -> float:
+    """How much the rows of `mask` weigh in aggregate_loss's mean: their response tokens
+    (token-mean) or their count (the seq-mean modes). Micro-batches of one mini-batch
+    are scaled by their share of its weight, so accumulation equals one big batch."""
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; valid: {', '.join(LOSS_AGG_MODES)}")
+    return float(mask.sum()) if loss_agg == "token-mean" else float(mask.shape[0])
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -136,7 +146,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
     if estimator == "k3":
         kl = torch.clamp(-diff, min=-20.0, max=20.0)
         return torch.clamp(torch.exp(kl) - kl - 1.0, min=-10.0, max=10.0)
-    raise ValueError(f"unknown kl estimator {estimator!r}; valid: k1, k2, k3")
+    raise ValueError(f"unknown kl estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -159,7 +169,7 @@ def _chunk_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def token_logprobs(logits: Tensor, targets: Tensor, *, chunk: int = 256) -> Tensor:
+def token_logprobs(logits: Tensor, targets: Tensor, *, chunk: int = LOGPROB_CHUNK) -> Tensor:
     """log softmax(logits)[target] per position: [B, T, V], [B, T] -> [B, T] float32.
 
     A float32 log-softmax over a large vocabulary is the biggest tensor of the
@@ -202,7 +212,7 @@ def lm_head_logprobs(
     targets: Tensor,
     *,
     temperature: float = 1.0,
-    chunk: int = 1024,
+    chunk: int = HEAD_CHUNK_TOKENS,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Token log-probs (and entropy) under softmax((hidden @ weight.T + bias) / temperature),

@@ -17,6 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .constants import DTYPES, KL_ESTIMATORS, LOSS_AGG_MODES
+from .reward import REWARD_MODES
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; its message is one line."""
@@ -168,11 +171,11 @@ class TrainConfig:
 
 # The allowed values of the keys that take one of a few (validate checks them, --help lists them).
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": DTYPES,
     "rollout.sleep_level": (0, 1, 2),
-    "algorithm.kl_estimator": ("k1", "k2", "k3"),
-    "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "data.reward_mode": ("strict", "flexible"),
+    "algorithm.kl_estimator": KL_ESTIMATORS,
+    "algorithm.loss_agg": LOSS_AGG_MODES,
+    "data.reward_mode": REWARD_MODES,
     "trainer.device": ("auto", "cpu", "cuda"),
 }
 

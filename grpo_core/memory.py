@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import check_layout
+from .constants import HEAD_CHUNK_TOKENS, LOGPROB_CHUNK
 
 GIB = 1024**3
 
@@ -223,8 +224,8 @@ class Stage:
 @dataclass(frozen=True)
 class Knobs:
     """What the planner cannot read from TrainConfig."""
-    head_chunk_tokens: int = 1024  # tokens per LM-head chunk (lm_head_logprobs' default); 0 = full logits
-    logprob_chunk: int = 256  # full logits only: positions per log-prob chunk (token_logprobs' default); 0 = unchunked
+    head_chunk_tokens: int = HEAD_CHUNK_TOKENS  # tokens per LM-head chunk (the trainer's); 0 = full logits
+    logprob_chunk: int = LOGPROB_CHUNK  # full logits only: positions per log-prob chunk; 0 = unchunked
     offload_style: str = "fsdp2"  # fsdp2: offloaded state stays on host, CPU optimizer step; swap: verl-style moves
     vllm_in_process: bool = True  # False: the engine core is another process with its own CUDA context
     entropy_metric: bool = True  # grpo_core.train logs entropy every micro-batch, even with entropy_coef=0
@@ -572,9 +573,3 @@ def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knob
     p.fixes = [(tuple(label.split(" + ")), pk) for label, pk in found]
     return p
 
-
-def _apply(cfg: Any, override: str) -> Any:
-    key, text = override.split("=", 1)
-    old = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
-    value: Any = text == "true" if isinstance(old, bool) else type(old)(text)
-    return _with(cfg, key, value)

@@ -8,9 +8,7 @@ fine-tuning it is a frozen, equally sharded copy.
 from __future__ import annotations
 
 import copy
-import functools
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -26,12 +24,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from . import constants
 from .algorithm import entropy_from_logits, lm_head_logprobs, token_logprobs
 from .batch import pack_rows
 from .config import ModelConfig, TrainerConfig
 from .distributed import DistInfo
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in constants.DTYPES}
 ENTROPY_CHUNK = 128  # sequence positions per entropy chunk
 
 

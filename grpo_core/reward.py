@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["extract_gsm8k_answer", "gsm8k_score", "normalize_number"]
+__all__ = ["REWARD_MODES", "extract_gsm8k_answer", "gsm8k_score", "normalize_number"]
+
+REWARD_MODES = ("strict", "flexible")  # data.reward_mode
 
 # A number as people write it: optional sign and "$" (in either order),
 # digits with optional thousands commas, optional decimals.
@@ -85,7 +87,7 @@ def gsm8k_score(response: str, ground_truth: str, *, mode: str = "strict", forma
     elif mode == "flexible":
         answer = _flexible_answer(response)
     else:
-        raise ValueError(f"unknown reward mode {mode!r}; valid: strict, flexible")
+        raise ValueError(f"unknown reward mode {mode!r}; valid: {', '.join(REWARD_MODES)}")
     if answer is None or _to_decimal(answer) is None:
         return 0.0
     return 1.0 if _same(answer, normalize_number(ground_truth)) else format_score

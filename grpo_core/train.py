@@ -87,13 +87,6 @@ def forward_backward(policy, mb: RolloutBatch, cfg: TrainConfig, loss_scale: flo
     return out
 
 
-def micro_weights(batch: RolloutBatch, rows: list[int], loss_agg: str) -> float:
-    """Denominator of the aggregate over `rows`: tokens or sequences."""
-    if loss_agg == "token-mean":
-        return float(batch.response_mask[rows].sum())
-    return float(len(rows))
-
-
 def by_length(batch: RolloutBatch, rows: list[int]) -> list[int]:
     """Rows longest first: micro-batches of like lengths carry little padding
     (each is trimmed to its own longest row), and the first is the largest."""
@@ -128,11 +121,11 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
     for _epoch in range(t.ppo_epochs):
         for mini_start in range(0, len(batch), rows_per_mini):
             mini_rows = by_length(batch, list(range(mini_start, mini_start + rows_per_mini)))
-            denominator = distributed.all_sum(micro_weights(batch, mini_rows, cfg.algorithm.loss_agg))
+            denominator = distributed.all_sum(algorithm.aggregate_weight(batch.response_mask[mini_rows], cfg.algorithm.loss_agg))
             optimizer.zero_grad(set_to_none=True)
             for start in range(0, len(mini_rows), t.micro_batch_size):
                 rows = mini_rows[start : start + t.micro_batch_size]
-                scale = world * micro_weights(batch, rows, cfg.algorithm.loss_agg) / max(denominator, 1.0)
+                scale = world * algorithm.aggregate_weight(batch.response_mask[rows], cfg.algorithm.loss_agg) / max(denominator, 1.0)
                 mb = batch.select(rows).to(policy.info.device)
                 for key, value in forward_backward(policy, mb, cfg, scale).items():
                     # x world, so that all_mean over ranks yields the global aggregate

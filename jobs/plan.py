@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from grpo_core import memory
 from grpo_core.cli import ArgumentParser, fail
 from grpo_core.config import ConfigError, load
+from grpo_core.constants import HEAD_CHUNK_TOKENS, LOGPROB_CHUNK
 from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 
@@ -32,10 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus-per-node", type=int, default=0, help="for the host total per node (default: the profile's)")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU (H100 80; H200 ~140)")
     ap.add_argument("--host-mem-gib", type=float, default=0.0, help="host memory per node to check (default: the profile's cluster.mem; 0: report only)")
-    ap.add_argument("--head-chunk-tokens", type=int, default=1024,
-                    help="tokens per LM-head log-prob chunk (the trainer's); 0 = full logits then log-softmax")
-    ap.add_argument("--logprob-chunk", type=int, default=256,
-                    help="with --head-chunk-tokens 0: positions per log-softmax chunk; 0 = unchunked")
+    ap.add_argument("--head-chunk-tokens", type=int, default=HEAD_CHUNK_TOKENS,
+                    help="tokens per LM-head log-prob chunk (the trainer's: %(default)s); 0 = full logits then log-softmax")
+    ap.add_argument("--logprob-chunk", type=int, default=LOGPROB_CHUNK,
+                    help="with --head-chunk-tokens 0: positions per log-softmax chunk (the trainer's: %(default)s); 0 = unchunked")
     ap.add_argument("--offload-style", choices=("fsdp2", "swap"), default="fsdp2",
                     help="fsdp2: offloaded state stays on host (CPU optimizer step); swap: moved in for its phase")
     ap.add_argument("--no-entropy-metric", action="store_true",

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from tests.mlflow_server import mlflow_server  # noqa: F401  (fixture)
 from tests.slurm_harness import slurm_cluster  # noqa: F401  (fixture)
 

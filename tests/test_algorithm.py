@@ -1,14 +1,20 @@
 """Pure GRPO tensor math against numbers worked out by hand."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from grpo_core import config, memory
+from grpo_core.constants import HEAD_CHUNK_TOKENS, LOGPROB_CHUNK
 from grpo_core.algorithm import (
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
     aggregate_loss,
+    aggregate_weight,
     entropy_from_logits,
     group_advantages,
     kl_penalty,
@@ -72,16 +78,16 @@ LOSS = t([[1, 2, 3, 4], [10, 20, 99, 99], [7, 7, 7, 7]])
 MASK = t([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])  # row 3 has no tokens: left out of seq means
 
 
-@pytest.mark.parametrize(
-    "mode, norm_length, expected",
-    [
+AGG_CASES = [
         ("token-mean", None, 40 / 6),  # (1+2+3+4+10+20) / 6 tokens
         ("seq-mean-token-sum", None, 20.0),  # (10 + 30) / 2 seqs
         ("seq-mean-token-mean", None, 8.75),  # (10/4 + 30/2) / 2 = (2.5 + 15) / 2
         ("seq-mean-token-sum-norm", None, 5.0),  # (10/4 + 30/4) / 2, T = 4
         ("seq-mean-token-sum-norm", 8, 2.5),  # (10/8 + 30/8) / 2
-    ],
-)
+]
+
+
+@pytest.mark.parametrize("mode, norm_length, expected", AGG_CASES)
 def test_aggregate_loss(mode: str, norm_length: int | None, expected: float) -> None:
     assert_close(aggregate_loss(LOSS, MASK, mode, norm_length=norm_length), t(expected))
 
@@ -89,6 +95,29 @@ def test_aggregate_loss(mode: str, norm_length: int | None, expected: float) -> 
 def test_aggregate_loss_rejects_unknown_mode() -> None:
     with pytest.raises(ValueError, match="token-mean"):
         aggregate_loss(LOSS, MASK, "mean")
+    with pytest.raises(ValueError, match="token-mean"):
+        aggregate_weight(MASK, "mean")
+
+
+def test_every_mode_has_a_hand_computed_case_and_is_what_config_allows() -> None:
+    assert {mode for mode, _, _ in AGG_CASES} == set(LOSS_AGG_MODES)
+    assert config.CHOICES["algorithm.loss_agg"] is LOSS_AGG_MODES
+    assert config.CHOICES["algorithm.kl_estimator"] is KL_ESTIMATORS
+
+
+@pytest.mark.parametrize("mode, weight", [("token-mean", 6.0), *((m, 3.0) for m in LOSS_AGG_MODES[1:])])
+def test_aggregate_weight(mode: str, weight: float) -> None:
+    # the mean's denominator: MASK's 6 tokens, or its 3 rows (the empty one counted, as the trainer always did)
+    assert aggregate_weight(MASK, mode) == weight
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_micro_batches_weighted_by_aggregate_weight_add_up_to_the_batch(mode: str) -> None:
+    loss, mask = LOSS[:2], MASK[:2]
+    whole = aggregate_weight(mask, mode)
+    parts = [aggregate_loss(loss[r], mask[r], mode, norm_length=4) * aggregate_weight(mask[r], mode) / whole
+             for r in ([0], [1])]
+    assert_close(parts[0] + parts[1], aggregate_loss(loss, mask, mode, norm_length=4))
 
 
 # ---------------------------------------------------------------- policy loss
@@ -299,3 +328,9 @@ def test_lm_head_logprobs_no_grad_bf16_and_bad_shapes() -> None:
         lm_head_logprobs(hidden, weight[:, :7], None, targets)
     with pytest.raises(ValueError, match="chunk"):
         lm_head_logprobs(hidden, weight, None, targets, chunk=0)
+
+
+def test_the_planner_models_the_trainer_s_chunk_sizes() -> None:
+    default = lambda f: inspect.signature(f).parameters["chunk"].default  # noqa: E731
+    assert (memory.Knobs().head_chunk_tokens, memory.Knobs().logprob_chunk) == \
+        (default(lm_head_logprobs), default(token_logprobs)) == (HEAD_CHUNK_TOKENS, LOGPROB_CHUNK)

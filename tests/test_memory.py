@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from grpo_core import memory
-from grpo_core.config import load
-from grpo_core.memory import KNOWN_SHAPES, Knobs, ModelShape, lora_params, plan, shape_for
+from grpo_core.config import TrainConfig, apply_overrides, build, load, to_dict, validate
+from grpo_core.memory import KNOWN_SHAPES, Knobs, lora_params, plan, shape_for
 
 ROOT = Path(__file__).resolve().parent.parent
 Q14 = KNOWN_SHAPES["Qwen2.5-14B"]
@@ -21,6 +21,11 @@ def cfg(*overrides: str):
             "model.gradient_checkpointing=true", "rollout.gpu_memory_utilization=0.4", "rollout.sleep_level=1",
             "trainer.micro_batch_size=4"]
     return load(None, base + list(overrides))
+
+
+def with_change(c, change: str):
+    """`c` with one suggested `key=value` applied, through the user's own override path."""
+    return validate(build(TrainConfig, apply_overrides(TrainConfig, to_dict(c), [change])))
 
 
 def part(p: memory.Plan, stage: str, prefix: str) -> memory.Part:
@@ -171,7 +176,7 @@ def apply_suggestion(c, gpus: int, suggestion: str):
         if change.startswith("use "):
             gpus = int(change.split()[1])
         else:
-            c = memory._apply(c, change)
+            c = with_change(c, change)
     return c, gpus
 
 
@@ -189,7 +194,7 @@ def test_suggestions_make_it_fit() -> None:
     assert any(s.startswith("rollout.sleep_level=1 + ") for s in p.suggestions)  # sleeping buys a larger micro-batch
     mb = [s.split(" (")[0] for s in p.suggestions if s.startswith("trainer.micro_batch_size=")]
     assert mb, p.suggestions  # and it is the largest that fits with headroom
-    one_more = plan(Q14, memory._apply(big, f"trainer.micro_batch_size={int(mb[0].split('=')[1]) + 1}"), 4, 80.0)
+    one_more = plan(Q14, with_change(big, f"trainer.micro_batch_size={int(mb[0].split('=')[1]) + 1}"), 4, 80.0)
     assert one_more.peak_gib > memory.SUGGEST_HEADROOM * 80.0
 
 
@@ -210,8 +215,8 @@ def test_logprob_micro_batch_sizes_only_the_no_grad_passes() -> None:
     lp = [s.split(" (")[0] for s in p.suggestions if s.startswith("trainer.logprob_micro_batch_size=")]
     assert lp, p.suggestions
     n = int(lp[0].split("=")[1])
-    assert plan(Q14, memory._apply(huge, lp[0]), 1, 80.0).peak_gib <= memory.SUGGEST_HEADROOM * 80.0
-    one_more = plan(Q14, memory._apply(huge, f"trainer.logprob_micro_batch_size={n + 1}"), 1, 80.0)
+    assert plan(Q14, with_change(huge, lp[0]), 1, 80.0).peak_gib <= memory.SUGGEST_HEADROOM * 80.0
+    one_more = plan(Q14, with_change(huge, f"trainer.logprob_micro_batch_size={n + 1}"), 1, 80.0)
     assert one_more.peak_gib > memory.SUGGEST_HEADROOM * 80.0  # the largest that fits with headroom
 
 
