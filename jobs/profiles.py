@@ -51,6 +51,7 @@ MAPPING_FIELDS = ("env", "sbatch")  # YAML mappings, stored as ("KEY=VALUE", ...
 # Earlier spellings of cluster keys, still read (older profiles, run dirs' profile.yaml): old -> new.
 CLUSTER_ALIASES = {"time_min": "time"}  # whole minutes, which is cluster.time's MM form
 TOP_KEYS = ("cluster", "description", "extends", "train")
+BASE_PREFIX = "_"  # _qwen14b.yaml: shared settings, extended by h100x2 and h800x4, never run itself
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,14 @@ def search_path() -> list[Path]:
 
 
 def list_profiles() -> dict[str, Path]:
-    """Every profile name on the search path -> its file (earlier folders shadow later ones)."""
+    """Every profile name on the search path -> its file (earlier folders shadow later ones).
+    A name starting with BASE_PREFIX is a base that recipes extend (found, not listed)."""
     found: dict[str, Path] = {}
     for folder in search_path():
         if folder.is_dir():
             for path in sorted(folder.glob("*.yaml")):
-                found.setdefault(path.stem, path)
+                if not path.stem.startswith(BASE_PREFIX):
+                    found.setdefault(path.stem, path)
     return dict(sorted(found.items()))
 
 

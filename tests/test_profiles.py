@@ -73,6 +73,27 @@ def test_h800x4_is_the_full_finetune_seed_recipe_and_inherits() -> None:
     assert p.description != base.description  # descriptions are not inherited
 
 
+def test_a_lora_setting_cannot_reach_the_full_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """h100x2 and h800x4 extend a common base (_qwen14b), not each other: a knob added to
+    the LoRA recipe stays there."""
+    files: list[Path] = []
+    profiles._read_raw(profiles.find_profile("h800x4"), files=files)
+    assert [f.stem for f in files] == ["h800x4", "_qwen14b"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("_qwen14b", "h100x2", "h800x4"):
+        text = (profiles.BUILTIN_DIR / f"{name}.yaml").read_text()
+        (mine / f"{name}.yaml").write_text(text.replace("    lora_alpha: 32\n", "    lora_alpha: 64\n"))
+    monkeypatch.setenv(profiles.PROFILES_ENV, str(mine))
+    assert load_profile("h100x2").train.model.lora_alpha == 64
+    assert load_profile("h800x4").train.model.lora_alpha == 32  # the default (it was 64 while h800x4 extended h100x2)
+
+
+def test_bases_are_found_but_not_listed() -> None:
+    assert "_qwen14b" not in list_profiles() and profiles.find_profile("_qwen14b").is_file()
+    assert "_qwen14b" not in _error("nope")
+
+
 def test_overrides_use_dotted_keys_for_both_parts() -> None:
     p = load_profile("h100x2", ["cluster.partition=big", "train.rollout.n=8", "cluster.time=1:30:00",
                                 "cluster.env.NCCL_DEBUG=INFO", "cluster.sbatch.exclusive=true",

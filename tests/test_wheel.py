@@ -77,7 +77,7 @@ def _run(inst: dict, *cmd: str, env: dict | None = None, timeout: int = 300) -> 
 
 def test_wheel_carries_profiles_templates_and_scripts(installed: dict) -> None:
     names = set(zipfile.ZipFile(installed["wheel"]).namelist())
-    assert {f"jobs/cluster_profiles/{p}.yaml" for p in PROFILES} <= names
+    assert {f"jobs/cluster_profiles/{p}.yaml" for p in (*PROFILES, "_qwen14b")} <= names  # the base travels too
     assert {"jobs/templates/grpo.sbatch.j2", "jobs/templates/local.sh.j2"} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(installed["wheel"]).read(entry_points).decode()
