@@ -208,7 +208,8 @@ class Tracker:
         except _Outage:
             if not self._down:
                 self._down = True
-                self._say(f"tracking server at {self.tracking_uri} not reachable; buffering metrics, will retry")
+                self._say(f"tracking server at {self.tracking_uri} not reachable; buffering metrics, will retry "
+                          f"(training goes on; every step is in {self.run_dir / 'metrics.jsonl'})")
             self._next_try = time.monotonic() + self._interval
             self._interval = min(self._interval * 2, self.retry_max_s)
             return
