@@ -121,6 +121,49 @@ def test_no_value_breaks_out_of_the_script(field: str, payload: str, launcher: s
     assert not pwn.exists(), f"{field}={value!r} ran code:\n{text}"
 
 
+# Every non-control payload in one value: what the whole-script tests below put into every field at once.
+HOSTILE = " ; ".join(PAYLOADS[p] for p in PAYLOADS if p not in CONTROL)
+
+
+def hostile_overrides(launcher: str, pwn: Path, base: list[str] = ()) -> list[str]:
+    """Each field's override with the HOSTILE value, for the fields that accept it (the others refuse it
+    with one line, tested above)."""
+    accepted = []
+    for field, override in FIELDS.items():
+        if field in ("python", "workdir"):
+            continue  # they must exist to run the script; their quoting is tested one by one above
+        candidate = override.format(v=HOSTILE.format(pwn=pwn))
+        try:
+            load_profile(launcher, [*base, candidate])
+        except ConfigError:
+            continue
+        accepted.append(candidate)
+    return accepted
+
+
+@pytest.mark.parametrize("launcher", ("slurm-cpu", "local", "h100x2", "h800x4"))
+def test_a_script_with_every_hostile_value_at_once(launcher: str, tmp_path: Path) -> None:
+    """All the accepted payloads in all the fields of one script: bash -n passes, the #SBATCH block is
+    the clean one's plus the fields' own, and running it creates nothing."""
+    pwn = tmp_path / "PWNED"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "work").mkdir()
+    _stub(tmp_path / "bin" / "srun", "exit 0\n")
+    fake_python = _stub(tmp_path / "bin" / "fakepython", "exit 0\n")
+    base = [f"cluster.python={fake_python}", f"cluster.workdir={tmp_path / 'work'}"]
+    hostile = hostile_overrides(launcher, pwn, base)
+    assert {"cluster.env.X", "train.model.path", "train.tracking.experiment"} <= {
+        o.split("=", 1)[0] for o in hostile}, hostile  # the test puts payloads somewhere
+    run = RunSpec(name="inj", run_dir=str(tmp_path / "runs" / "inj"), workdir=str(tmp_path / "work"))
+    clean = _sbatch_lines(render_sbatch(load_profile(launcher, base), run))
+    text = render_sbatch(load_profile(launcher, base + hostile), run)
+    assert HOSTILE.format(pwn=pwn).replace("'", "'\"'\"'") in text  # the value is there, quoted
+    extra = [line for line in _sbatch_lines(text) if line not in clean]
+    assert all(line.startswith("#SBATCH --constraint=") for line in extra), extra
+    _run_script(text, tmp_path)
+    assert not pwn.exists(), text
+
+
 @pytest.mark.parametrize("payload", ["\n", "\r", "$(touch {pwn})", "`touch {pwn}`", "a b", "x;y"])
 def test_runs_dir_with_metacharacters(payload: str, tmp_path: Path) -> None:
     """The run dir is quoted in the local script; sbatch's unquoted #SBATCH --output refuses it."""

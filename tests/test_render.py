@@ -32,6 +32,12 @@ def test_golden_scripts(name: str) -> None:
     assert text == path.read_text()
 
 
+@pytest.mark.parametrize("path", sorted(GOLDEN.glob("*.sbatch")), ids=lambda p: p.name)
+def test_golden_scripts_are_valid_bash(path: Path) -> None:
+    check = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and not check.stderr, check.stderr
+
+
 @pytest.mark.parametrize("name", ("slurm-cpu", "h100x2", "h800x4"))
 def test_render_is_what_submitit_writes(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The promise behind --dry-run: submitit's executor, given our parameters, writes our text."""

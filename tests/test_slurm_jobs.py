@@ -24,6 +24,7 @@ from typing import Iterator
 import pytest
 
 from jobs.profiles import load_profile
+from tests.test_injection import hostile_overrides
 from tests.slurm_harness import LocalSlurm  # the `slurm_cluster` session fixture comes from conftest.py
 
 pytestmark = pytest.mark.slurm
@@ -67,17 +68,21 @@ def gpu_node(slurm_cluster: LocalSlurm) -> Iterator[LocalSlurm]:
         node.stop()
 
 
+@pytest.mark.parametrize("hostile", [False, True], ids=["plain", "hostile-values"])
 @pytest.mark.parametrize("name", GPU_PROFILES)
-def test_gpu_scripts_pass_sbatch_test_only(name: str, gpu_node: LocalSlurm, tmp_path: Path) -> None:
+def test_gpu_scripts_pass_sbatch_test_only(name: str, hostile: bool, gpu_node: LocalSlurm, tmp_path: Path) -> None:
+    """hostile-values: every accepted shell payload in every field at once (tests/test_injection.py)."""
     env = gpu_node.full_env()
+    extra = hostile_overrides(name, tmp_path / "PWNED") if hostile else []
     dry = _cli("jobs.submit", "--profile", name, "--name", "tt", "--runs-dir", str(tmp_path / "runs"), "--dry-run",
-               env=env)
+               *extra, env=env)
     assert dry.returncode == 0, dry.stderr
+    assert not hostile or f"$(touch {tmp_path / 'PWNED'})" in dry.stdout  # the payloads are in it, as data
     script = tmp_path / f"{name}.sbatch"
     script.write_text(dry.stdout)
     out = gpu_node.run("sbatch", "--test-only", str(script), check=False)
     assert out.returncode == 0 and "to start at" in out.stderr, out.stderr
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "PWNED").exists()
 
 
 def test_shell_metacharacters_reach_slurm_as_data(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
