@@ -121,6 +121,11 @@ class TrainerConfig:
     # a micro-batch's rows as one sequence (positions restart per row, attention stays within a row): no padding
     # slots. On a GPU pair it with model.attn_implementation=flex_attention (sdpa computes the whole packed square)
     pack_sequences: bool = False
+    # token slots per forward/backward instead of micro_batch_size rows (0: rows): rows longest first, binned so
+    # each pass holds at most this many (padded: rows x the longest; packed: their tokens); a longer row runs alone
+    micro_batch_tokens: int = 0
+    # the same for the no-grad log-prob passes (0: logprob_micro_batch_size rows)
+    logprob_micro_batch_tokens: int = 0
     ppo_epochs: int = 1  # passes over each rollout batch
     seed: int = 0  # data order, sampling and init
     val_every: int = 0  # 0 = never
@@ -456,7 +461,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "model.tiny_layers": (m.tiny_layers, 1), "model.lora_rank": (m.lora_rank, 0),
         "model.lora_alpha": (m.lora_alpha, 1), "checkpoint.every": (c.every, 0), "checkpoint.keep": (c.keep, 1),
         "trainer.val_every": (t.val_every, 0), "trainer.val_prompts": (t.val_prompts, 0),
-        "trainer.num_threads": (t.num_threads, 0), "trainer.seed": (t.seed, 0), "optim.warmup_steps": (o.warmup_steps, 0),
+        "trainer.num_threads": (t.num_threads, 0), "trainer.micro_batch_tokens": (t.micro_batch_tokens, 0),
+        "trainer.logprob_micro_batch_tokens": (t.logprob_micro_batch_tokens, 0), "trainer.seed": (t.seed, 0), "optim.warmup_steps": (o.warmup_steps, 0),
         "optim.weight_decay": (o.weight_decay, 0), "optim.grad_clip": (o.grad_clip, 0),
         "algorithm.clip_low": (a.clip_low, 0), "algorithm.clip_high": (a.clip_high, 0),
         "algorithm.kl_coef": (a.kl_coef, 0), "algorithm.entropy_coef": (a.entropy_coef, 0),

@@ -122,6 +122,15 @@ def all_sum(value: float) -> float:
     return float(t.item())
 
 
+def all_max(value: int) -> int:
+    """The largest `value` over the ranks (e.g. micro-batch counts every rank must run)."""
+    if dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -31,6 +31,7 @@ from .batch import RolloutBatch, pack
 from .config import ConfigError, TrainConfig
 from .data import DataError, PromptSampler
 from .keyref import format_keys
+from .microbatch import Cut, Slots, even_out
 from .model_path import ModelPathError, resolve_model
 from .plots import write_curves
 from .preemption import WALLTIME, Preemption
@@ -94,16 +95,28 @@ def by_length(batch: RolloutBatch, rows: list[int]) -> list[int]:
     return sorted(rows, key=lambda r: (-lengths[r], r))
 
 
+def micro_batches(cut: Cut, order: list[int], lengths: list[int]) -> list[list[int]]:
+    """This rank's passes over `order`, as many as the rank with the most
+    (FSDP's collectives pair up pass by pass); an empty one is a filler."""
+    bins = cut.bins(order, lengths)
+    return even_out(bins, distributed.all_max(len(bins)), lengths, cut.packed)
+
+
 @torch.no_grad()
 def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float, *, reference: bool,
-                     packed: bool = False) -> torch.Tensor:
+                     packed: bool = False, tokens: int = 0, slots: Slots | None = None) -> torch.Tensor:
+    """Log-probs of every row, `micro` rows (or `tokens` token slots) per pass; `slots` tallies the passes."""
     out = torch.zeros_like(batch.response_mask)
+    lengths = batch.attention_mask.sum(dim=1).tolist()
     order = by_length(batch, list(range(len(batch))))
-    for start in range(0, len(batch), micro):
-        rows = order[start : start + micro]
-        mb = batch.select(rows).to(policy.info.device)
+    for rows in micro_batches(Cut(micro, tokens, packed), order, lengths):
+        run = rows or order[-1:]  # a filler runs the shortest row and keeps nothing
+        mb = batch.select(run).to(policy.info.device)
         lp, _ = policy.forward_logprobs(mb.input_ids, mb.attention_mask, temperature, reference=reference, packed=packed)
-        out[rows, : lp.shape[1]] = lp.float().cpu()
+        if slots is not None:
+            slots.add(run, lengths, packed, counts=bool(rows))
+        if rows:
+            out[rows, : lp.shape[1]] = lp.float().cpu()
     return out
 
 
@@ -117,16 +130,22 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
     t = cfg.trainer
     world = policy.info.world_size
     rows_per_mini = len(batch) * t.mini_batch_prompts // t.prompts_per_step
+    cut = Cut(t.micro_batch_size, t.micro_batch_tokens, t.pack_sequences)
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    tally = Slots()
     stats: dict[str, list[float]] = {}
     for _epoch in range(t.ppo_epochs):
         for mini_start in range(0, len(batch), rows_per_mini):
             mini_rows = by_length(batch, list(range(mini_start, mini_start + rows_per_mini)))
             denominator = distributed.all_sum(algorithm.aggregate_weight(batch.response_mask[mini_rows], cfg.algorithm.loss_agg))
             optimizer.zero_grad(set_to_none=True)
-            for start in range(0, len(mini_rows), t.micro_batch_size):
-                rows = mini_rows[start : start + t.micro_batch_size]
-                scale = world * algorithm.aggregate_weight(batch.response_mask[rows], cfg.algorithm.loss_agg) / max(denominator, 1.0)
-                mb = batch.select(rows).to(policy.info.device)
+            for rows in micro_batches(cut, mini_rows, lengths):
+                # A filler (another rank has more passes) runs the shortest row with weight 0.
+                run = rows or mini_rows[-1:]
+                weight = algorithm.aggregate_weight(batch.response_mask[rows], cfg.algorithm.loss_agg) if rows else 0.0
+                tally.add(run, lengths, cut.packed, counts=bool(rows))
+                scale = world * weight / max(denominator, 1.0)
+                mb = batch.select(run).to(policy.info.device)
                 for key, value in forward_backward(policy, mb, cfg, scale).items():
                     # x world, so that all_mean over ranks yields the global aggregate
                     stats.setdefault(key, []).append(value * scale)
@@ -138,7 +157,8 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
             # sync stages (and a checkpoint) then hold no gradients (grpo_core.memory's stages).
             optimizer.zero_grad(set_to_none=True)
     minis = t.ppo_epochs * (len(batch) // rows_per_mini)
-    return {k: (sum(v) / minis if k not in ("grad_norm", "lr") else sum(v) / len(v)) for k, v in stats.items()}
+    out = {k: (sum(v) / minis if k not in ("grad_norm", "lr") else sum(v) / len(v)) for k, v in stats.items()}
+    return out | {"update_padding_fraction": tally.padding_fraction}
 
 
 def validate(engine: Engine, task: Task, prompts: Prompts, cfg: TrainConfig) -> float:
@@ -258,13 +278,14 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
     # (otherwise the detached current ones are exact), reference for KL
     stage("reference")
     t0 = time.perf_counter()
-    t, micro = cfg.trainer, cfg.trainer.logprob_micro
+    t, lp_slots = cfg.trainer, Slots()
+    cut = dict(packed=t.pack_sequences, tokens=t.logprob_micro_batch_tokens, slots=lp_slots)
     if t.mini_batch_prompts < t.prompts_per_step or t.ppo_epochs > 1:
-        batch.old_logprobs = batched_logprobs(tr.policy, batch, micro, cfg.rollout.temperature, reference=False,
-                                              packed=t.pack_sequences)
+        batch.old_logprobs = batched_logprobs(tr.policy, batch, t.logprob_micro, cfg.rollout.temperature,
+                                              reference=False, **cut)
     if a.kl_coef > 0:
-        batch.ref_logprobs = batched_logprobs(tr.policy, batch, micro, cfg.rollout.temperature, reference=True,
-                                              packed=t.pack_sequences)
+        batch.ref_logprobs = batched_logprobs(tr.policy, batch, t.logprob_micro, cfg.rollout.temperature,
+                                              reference=True, **cut)
     time_reference = time.perf_counter() - t0
     # ---- policy update, then the new weights into the engine
     stage("update")
@@ -280,6 +301,7 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
         "accuracy": float(correct.mean()), "response_length_mean": float(lengths.mean()),
         "response_length_max": float(lengths.max()),
         "response_clip_ratio": float(np.mean([s.truncated for _, s, _ in flat])), **update_stats,
+        **({"logprob_padding_fraction": lp_slots.padding_fraction} if lp_slots.total else {}),
     })
     time_step = time.perf_counter() - step_start
     metrics.update(

@@ -1,5 +1,7 @@
 """World size 1 == world size 2: FSDP2-sharded updates (gloo, CPU) on the
-same rollouts give the same losses and the same final weights."""
+same rollouts give the same losses and the same final weights; also with
+token-budget micro-batches, where the ranks' own bin counts differ and the
+ranks even them out (else FSDP's collectives would not pair up)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +14,10 @@ import torch.multiprocessing as mp
 
 from grpo_core import config
 from grpo_core.batch import pack
+from grpo_core.microbatch import Cut
+
+TOKENS = 24  # the token-budget mode's budget (packed): 3-4 passes per rank and mini-batch
+MODES = ("full", "lora", "lora-tokens")
 
 STEPS = 3
 PROMPTS, N = 8, 4
@@ -34,39 +40,49 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     from grpo_core import distributed
 
     info = distributed.init_distributed("cpu")
-    results = {mode: train_mode(rank, world, info, model_dir, mode == "lora") for mode in ("full", "lora")}
+    results = {mode: train_mode(rank, world, info, model_dir, mode) for mode in MODES}
     if rank == 0:
         torch.save(results, out)
     distributed.barrier()
     distributed.shutdown()
 
 
-def train_mode(rank: int, world: int, info, model_dir: str, lora: bool) -> dict:
+def rank_rows(rank: int, world: int) -> list[int]:
+    """Each rank takes whole groups, as grpo_step shards prompts."""
+    return [i for g in range(rank, PROMPTS, world) for i in range(g * N, (g + 1) * N)]
+
+
+def train_mode(rank: int, world: int, info, model_dir: str, mode: str) -> dict:
     from grpo_core import distributed
     from grpo_core.policy import Policy
-    from grpo_core.train import train_step
+    from grpo_core.train import batched_logprobs, train_step
 
+    lora = mode.startswith("lora")
     overrides = [f"model.path={model_dir}", "trainer.prompts_per_step=8", "trainer.mini_batch_prompts=4",
                  "trainer.micro_batch_size=4", "algorithm.kl_coef=0.0", "optim.lr=0.01"]
     if lora:
         overrides += ["model.lora_rank=4", "model.lora_alpha=8"]
+    if mode == "lora-tokens":
+        overrides += [f"trainer.micro_batch_tokens={TOKENS}", "trainer.pack_sequences=true"]
     cfg = config.load(None, overrides)
     torch.manual_seed(0)
     policy = Policy(model_dir, cfg.model, cfg.trainer, info)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     vocab = policy.model.config.vocab_size if not lora else policy.model.base_model.model.config.vocab_size
-    losses = []
+    losses, logprobs = [], {}
     for step in range(STEPS):
         prompts, responses, adv = make_batch(vocab, 0, step)
-        # Each rank takes whole groups, as grpo_step shards prompts.
-        mine = [i for g in range(rank, PROMPTS, world) for i in range(g * N, (g + 1) * N)]
+        mine = rank_rows(rank, world)
         batch = pack([prompts[i] for i in mine], [responses[i] for i in mine], adv[mine], 0)
+        if mode == "lora-tokens" and step == 0:  # the no-grad passes even out too (same weights on 1 and 2 ranks)
+            lp = batched_logprobs(policy, batch, 4, 1.0, reference=False, packed=True, tokens=TOKENS)
+            logprobs = {row: lp[i][batch.response_mask[i].bool()] for i, row in enumerate(mine)}
         # A fixed behaviour policy makes the loss depend on the weights (ratio != 1).
         batch.old_logprobs = torch.full_like(batch.response_mask, -4.0)
         stats = distributed.all_mean(train_step(policy, optimizer, scheduler, batch, cfg))
         losses.append(stats["policy_loss"])
-    return {"losses": losses, "state": policy.trainable_state_dict()}
+    return {"losses": losses, "state": policy.trainable_state_dict(), "logprobs": logprobs}
 
 
 def run_world(world: int, model_dir: Path, out: Path) -> dict:
@@ -91,13 +107,32 @@ def runs(tmp_path_factory, model_dir) -> tuple[dict, dict]:
     return run_world(1, model_dir, tmp / "w1.pt"), run_world(2, model_dir, tmp / "w2.pt")
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_the_ranks_bin_counts_differ_in_the_token_mode():
+    """Else the token mode would not test the evening out."""
+    differ = 0
+    for step in range(STEPS):
+        prompts, responses, _ = make_batch(64, 0, step)
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        for mini in range(2):  # each rank's mini-batch: its first or second half of rows
+            counts = []
+            for rank in range(2):
+                rows = rank_rows(rank, 2)[mini * 8 : (mini + 1) * 8]
+                order = sorted(rows, key=lambda r: -lengths[r])
+                counts.append(len(Cut(4, TOKENS, packed=True).bins(order, lengths)))
+            differ += counts[0] != counts[1]
+    assert differ > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_world_two_matches_world_one(runs, mode):
     one, two = runs[0][mode], runs[1][mode]
     print(mode, "losses w1", one["losses"], "w2", two["losses"])
     assert len(set(one["losses"])) == STEPS, "losses should change as the weights do"
     # Different reduction order across 2 ranks: equal to fp32 rounding, not bitwise.
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    assert len(two["logprobs"]) == (len(rank_rows(0, 2)) if mode == "lora-tokens" else 0)
+    for row, got in two["logprobs"].items():  # rank 0's rows
+        torch.testing.assert_close(got, one["logprobs"][row], rtol=0, atol=1e-5)
     assert one["state"].keys() == two["state"].keys() and len(one["state"]) > 0
     worst = {name: float((two["state"][name] - w).abs().max()) for name, w in one["state"].items()}
     print(mode, "largest differences", sorted(worst.items(), key=lambda kv: -kv[1])[:4])

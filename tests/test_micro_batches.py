@@ -1,7 +1,8 @@
 """How a mini-batch is cut into micro-batches must not change the update:
-one micro-batch holding every row == length-sorted micro-batches of 3, for
-every loss aggregation (the denominators are global and Dr.GRPO's divisor
-is a constant, not a micro-batch's padded width)."""
+one micro-batch holding every row == length-sorted micro-batches of 3 rows,
+or of a token budget (padded or packed), for every loss aggregation (the
+denominators are global and Dr.GRPO's divisor is a constant, not a
+micro-batch's padded width). The binning and the padding fraction by hand."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from grpo_core import config
 from grpo_core.algorithm import LOSS_AGG_MODES
 from grpo_core.batch import pack
+from grpo_core.microbatch import Slots, by_tokens, even_out
 from grpo_core.train import batched_logprobs, by_length, train_step
 
 ROWS = 8
@@ -50,8 +52,8 @@ def one_update(model_dir, loss_agg: str, micro: int, *extra: str) -> dict[str, t
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)  # the update is the gradient itself
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     before = {k: v.clone() for k, v in policy.trainable_state_dict().items()}
-    train_step(policy, optimizer, scheduler, make_batch(policy.model.base_model.model.config.vocab_size), cfg)
-    return {k: v - before[k] for k, v in policy.trainable_state_dict().items()}
+    stats = train_step(policy, optimizer, scheduler, make_batch(policy.model.base_model.model.config.vocab_size), cfg)
+    return {k: v - before[k] for k, v in policy.trainable_state_dict().items()} | {"stats": stats}
 
 
 def test_rows_sort_longest_first_and_stably():
@@ -59,16 +61,55 @@ def test_rows_sort_longest_first_and_stably():
     assert by_length(batch, [0, 1, 2, 3]) == [3, 1, 2, 0]
 
 
-CUTS = {"rows of 3": (3,), "packed rows of 3": (3, "trainer.pack_sequences=true")}
+def test_token_bins_by_hand():
+    lengths = [10, 7, 5, 3, 2]
+    # packed, first-fit decreasing: 2 fills the first bin's room
+    assert by_tokens(range(5), lengths, 12, packed=True) == [[0, 4], [1, 2], [3]]
+    # padded, sorted greedy: rows x the longest <= 20
+    assert by_tokens(range(5), lengths, 20, packed=False) == [[0, 1], [2, 3, 4]]
+    # a row longer than the budget runs alone
+    assert by_tokens(range(5), lengths, 6, packed=True) == [[0], [1], [2], [3, 4]]
+    assert by_tokens(range(5), lengths, 6, packed=False) == [[0], [1], [2], [3, 4]]
+    tally = Slots()
+    for rows in ([0, 1], [2, 3, 4]):
+        tally.add(rows, lengths, packed=False)
+    assert (tally.real, tally.total) == (27, 35)  # 2 x 10 + 3 x 5 slots for 27 tokens
+
+
+def test_even_out_splits_the_fullest_bin_then_adds_fillers():
+    lengths = [10, 7, 5, 3, 2]
+    assert even_out([[0, 1], [2, 3, 4]], 2, lengths, packed=False) == [[0, 1], [2, 3, 4]]
+    assert even_out([[0, 1], [2, 3, 4]], 3, lengths, packed=False) == [[0], [1], [2, 3, 4]]  # 20 slots > 15
+    assert even_out([[0, 4], [1, 2, 3]], 3, lengths, packed=True) == [[0, 4], [1], [2, 3]]  # 12 tokens < 15
+    assert even_out([[0], [1]], 4, lengths, packed=True) == [[0], [1], [], []]
+
+
+CUTS = {"rows of 3": (3,), "packed rows of 3": (3, "trainer.pack_sequences=true"),
+        "40 tokens": (ROWS, "trainer.micro_batch_tokens=40"),
+        "packed 40 tokens": (ROWS, "trainer.micro_batch_tokens=40", "trainer.pack_sequences=true"),
+        "1 token (a row each)": (ROWS, "trainer.micro_batch_tokens=1")}
 
 
 @pytest.mark.parametrize("cut", CUTS)
 @pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
 def test_micro_batching_does_not_change_the_update(model_dir, loss_agg, cut):
     whole, sliced = one_update(model_dir, loss_agg, ROWS), one_update(model_dir, loss_agg, *CUTS[cut])
+    whole.pop("stats"), sliced.pop("stats")
     assert any(d.abs().max() > 1e-4 for d in whole.values())
     for name in whole:
         torch.testing.assert_close(sliced[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_update_padding_fraction_by_hand(model_dir):
+    """make_batch's rows are 15, 14, 13, 10, 10, 8, 7, 5 tokens (82), longest first."""
+    lengths = make_batch(64).attention_mask.sum(dim=1).sort(descending=True).values.tolist()
+    assert lengths == [15, 14, 13, 10, 10, 8, 7, 5]
+    fraction = lambda *extra: one_update(model_dir, "token-mean", *extra)["stats"]["update_padding_fraction"]  # noqa: E731
+    assert fraction(ROWS) == pytest.approx(1 - 82 / 120)  # one pass of 8 x 15 slots
+    assert fraction(3) == pytest.approx(1 - 82 / (45 + 30 + 14))  # 3 x 15, 3 x 10, 2 x 7
+    # 40 slots, padded: [15, 14] 30 | [13, 10, 10] 39 | [8, 7, 5] 24
+    assert fraction(ROWS, "trainer.micro_batch_tokens=40") == pytest.approx(1 - 82 / 93)
+    assert fraction(ROWS, "trainer.micro_batch_tokens=40", "trainer.pack_sequences=true") == 0.0
 
 
 def test_log_prob_micro_batches_do_not_change_the_log_probs(model_dir):
@@ -83,6 +124,8 @@ def test_log_prob_micro_batches_do_not_change_the_log_probs(model_dir):
     mask = batch.response_mask.bool()  # the loss reads these; padded positions are never read
     one_by_one = batched_logprobs(policy, batch, 1, 1.0, reference=False)[mask]
     assert one_by_one.lt(-0.1).all() and one_by_one.numel() == int(mask.sum())
-    for micro in (3, ROWS):
-        torch.testing.assert_close(batched_logprobs(policy, batch, micro, 1.0, reference=False)[mask], one_by_one,
-                                   rtol=0, atol=2e-6)
+    for micro, tokens in ((3, 0), (ROWS, 0), (ROWS, 30), (ROWS, 1)):
+        tally = Slots()
+        got = batched_logprobs(policy, batch, micro, 1.0, reference=False, tokens=tokens, slots=tally)
+        torch.testing.assert_close(got[mask], one_by_one, rtol=0, atol=2e-6)
+        assert tally.real == int(batch.attention_mask.sum())
