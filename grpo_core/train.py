@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import socket
 import sys
@@ -36,6 +35,7 @@ from .model_path import ModelPathError, resolve_model
 from .plots import write_curves
 from .preemption import WALLTIME, Preemption
 from .progress import Progress
+from .resume import resume_or_start, save
 from .engine import Engine, make_engine
 from .tasks import Prompts, Reward, Task, make_reward, make_task, tokenize
 from .tracking import Tracker
@@ -166,12 +166,6 @@ def validate(engine: Engine, task: Task, prompts: Prompts, cfg: TrainConfig) -> 
     chosen = prompts.test[: cfg.trainer.val_prompts or None]
     samples = engine.greedy(chosen, cfg.rollout.val_max_tokens)
     return float(np.mean([task.score(s.text, truth) == 1.0 for s, truth in zip(samples, prompts.test_truths)]))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -309,46 +303,6 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
         time_step=time_step, tokens_per_s=float(batch.attention_mask.sum()) * world / time_step,
     )
     return metrics
-
-
-def resume_or_start(tr: Trainer) -> Path | None:
-    """Load the newest complete checkpoint, if any. vLLM's constructor
-    reseeded the global RNGs, so seeding comes after it."""
-    def say(text: str) -> None:
-        if tr.info.is_main:
-            print(f"[grpo] {text}", file=sys.stderr, flush=True)
-
-    latest, loaded, bad = checkpoint.load_newest(tr.run_dir, say, tr.cfg.checkpoint.start_over)
-    distributed.barrier()  # every rank has read before rank 0 moves anything
-    if bad and tr.info.is_main:
-        checkpoint.set_aside(bad)
-    if latest is None:
-        _seed_everything(tr.cfg.trainer.seed)
-    else:
-        tr.state, trainable, optim_state, rng = loaded
-        tr.policy.load_trainable_state_dict(trainable)
-        tr.policy.load_optimizer_state_dict(tr.optimizer, optim_state)
-        tr.scheduler.load_state_dict(tr.state.scheduler)
-        tr.sampler.load_state_dict(tr.state.sampler)
-        checkpoint.set_rng_state(rng)
-        print(f"[grpo] resuming from {latest} (step {tr.state.step})", flush=True)
-    if latest is not None or tr.policy.is_lora:
-        tr.sync.push(tr.engine)
-    return latest
-
-
-def save(tr: Trainer, tracker: Tracker) -> float:
-    """Write a checkpoint (all ranks take part); returns the seconds it took."""
-    start = time.perf_counter()
-    tr.state.sampler, tr.state.scheduler = tr.sampler.state_dict(), tr.scheduler.state_dict()
-    tr.state.mlflow_run_id = tracker.run_id
-    # Both gathers are collectives: every rank takes part, rank 0 writes.
-    trainable, optim_state = tr.policy.trainable_state_dict(), tr.policy.optimizer_state_dict(tr.optimizer)
-    if tr.info.is_main:
-        path = checkpoint.save_checkpoint(tr.run_dir, tr.state, trainable, optim_state, tr.cfg.checkpoint.keep)
-        rundir.write_status(tr.run_dir, latest_checkpoint=str(path))
-    distributed.barrier()
-    return time.perf_counter() - start
 
 
 def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult:
