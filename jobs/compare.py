@@ -290,9 +290,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     tokens = list(args.runs)
-    if args.sweep and (runs_root() / args.sweep / "sweep.json").is_file():  # its elements know the URI
-        elements = json.loads((runs_root() / args.sweep / "sweep.json").read_text()).get("elements", [])
-        tokens += [str(runs_root() / e["name"]) for e in elements]
+    from jobs import sweep
+    from jobs.runs import JobsError
+
+    swept = sweep.find(args.sweep, runs_root()) if args.sweep else None
+    if swept is not None:  # its elements know the URI
+        try:
+            tokens += [str(p) for p in sweep.element_dirs(swept)]
+        except JobsError as exc:  # an unreadable sweep.json
+            raise CompareError(str(exc), exc.code) from None
     uri = pick_tracking_uri(args.tracking_uri, tokens)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise CompareError(f"no MLflow database at {uri[len('sqlite:///'):]}")  # MLflow would create one

@@ -61,14 +61,21 @@ def resolve_run(name_or_path: str, root: Path) -> Path:
         return (root / name_or_path).absolute()
     if os.sep in name_or_path and not cli_text_bad(name_or_path):
         candidate = Path(name_or_path).expanduser()
-        if (candidate / "run.json").is_file():
-            return candidate.absolute()
-        raise JobsError(f"{name_or_path}: not a run dir (no run.json there)")
+        try:
+            if (candidate / "run.json").is_file():
+                return candidate.absolute()
+        except OSError:  # e.g. a component longer than the filesystem allows
+            pass
+        raise JobsError(f"{name_or_path[:200]}: not a run dir (no run.json there)")
     if not NAME_RE.match(name_or_path):
-        raise JobsError(f"run {name_or_path!r}: not a run name (letters, digits, '.', '_', '-') "
-                        "nor a path to a run dir")
+        raise JobsError(f"run {name_or_path[:200]!r}: not a run name (letters, digits, '.', '_', '-'; "
+                        "at most 128) nor a path to a run dir")
+    from jobs import sweep  # it imports this module
+
     known = ", ".join(p.name for p in recent_runs(root, limit=8)) or "(none)"
-    raise JobsError(f"no run '{name_or_path}' under {root}; recent runs: {known}")
+    sweeps = ", ".join(p.name for p in sweep.recent(root, limit=8))
+    raise JobsError(f"no run or sweep '{name_or_path}' under {root}; recent runs: {known}"
+                    + (f"; sweeps: {sweeps}" if sweeps else ""))
 
 
 def cli_text_bad(text: str) -> bool:

@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     root = runs.runs_root(args.runs_dir)
     try:
-        swept = sweep.find(args.run, root) if args.run else None
+        swept = sweep.find(args.run, root) if args.run is not None else None
         if swept is not None:  # a sweep: its elements as a table
             if args.follow:
                 return sweep_cli.follow_sweep(swept)
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 sweep_cli.print_sweep(swept)
             return 0
-        if args.run:
+        if args.run is not None:  # "" too: not a run, never "all runs"
             run_dir = runs.resolve_run(args.run, root)
             if args.follow:
                 return follow(run_dir)
@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs.fail_on(exc)
     if args.json:
         print(json.dumps([{**v.__dict__, "run_dir": str(v.run_dir)} for v in views], indent=2))
-    elif args.run:
+    elif args.run is not None:
         print_one(views[0])
     elif views:
         print_table(views)

@@ -120,9 +120,22 @@ def describe_elements(axes: Sequence[Axis], elements: Sequence[Element]) -> str:
 # ---------------------------------------------------------------- the record
 
 def find(name_or_path: str, root: Path) -> Path | None:
-    for candidate in (root / name_or_path, Path(name_or_path).expanduser()):
-        if (candidate / SWEEP_FILE).is_file():
-            return candidate.absolute()
+    """A sweep's dir by name under `root` (or a path with a '/'); None when there is none.
+
+    Only what could name a run is looked up (runs.resolve_run then says why
+    the rest is not one): an over-long name must not become an OSError."""
+    if runs.NAME_RE.match(name_or_path):
+        candidates = [root / name_or_path, Path(name_or_path)]
+    elif os.sep in name_or_path and not runs.cli_text_bad(name_or_path):
+        candidates = [Path(name_or_path).expanduser()]
+    else:
+        return None
+    for candidate in candidates:
+        try:
+            if (candidate / SWEEP_FILE).is_file():
+                return candidate.absolute()
+        except OSError:  # e.g. a path component longer than the filesystem allows
+            return None
     return None
 
 

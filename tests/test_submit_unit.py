@@ -255,7 +255,7 @@ def test_status_survives_an_unreachable_controller(fake, capsys) -> None:
 def test_status_unknown_run(fake, capsys) -> None:
     with pytest.raises(SystemExit):
         status.main(["nope"])
-    assert "no run 'nope'" in _one_line_error(capsys.readouterr().err)
+    assert "no run or sweep 'nope'" in _one_line_error(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- cancel / resubmit
