@@ -5,6 +5,9 @@
     python -m jobs.compare --sweep NAME             every run of a sweep
     options: --tracking-uri URI, --format table|csv|json, --out DIR, --no-plots
 
+Plots go to <runs>/_compare/<run names>/ unless --out says otherwise; their
+legends name each run's values of the params that differ.
+
 Tracking URI: --tracking-uri, else the run dir's status.json, else
 $MLFLOW_TRACKING_URI, else the trainer's default <runs>/mlflow.db ($GRPO_RUNS_DIR
 or ./runs). Errors are one line on stderr; exit 2 for bad input, 1 when the
@@ -14,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
+import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -41,6 +46,12 @@ HISTORY_KEYS = ("reward_mean", "val_accuracy", "response_length_mean", "kl", "to
 METRIC_COLUMNS = ("final_val_accuracy", "best_val_accuracy", "final_reward_mean", "tokens_per_s",
                   "wall_time_s", "restarts", "steps", "status")
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+# Params that name a run rather than configure it (jobs.submit sets them per run): they always
+# differ, so they are not "differences".
+IDENTITY_PARAMS = ("trainer.run_dir", "tracking.run_name")
+SCIENTIFIC_RE = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")  # how MLflow keeps 1e-05
+COMPARE_DIR = "_compare"  # under the runs folder; no run is named so (run names start with a letter or digit)
+LEGEND_PARAMS = 4  # a legend names at most this many differing params
 
 
 class CompareError(Exception):
@@ -193,11 +204,29 @@ def key_metrics(run: RunData, latest: dict[str, float]) -> dict[str, Any]:
 
 
 def differing_params(runs: list[RunData]) -> list[str]:
-    keys = sorted({k for r in runs for k in r.params})
+    keys = sorted({k for r in runs for k in r.params} - set(IDENTITY_PARAMS))
     return [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
 
 
 # ------------------------------------------------------------------- output
+
+def plain(value: Any, digits: int = 4) -> str:
+    """Numbers in plain notation, never 1e-05: fixed point with trailing zeros trimmed.
+
+    A float keeps `digits` significant digits (1234.5678 -> 1235, 0.000012345 -> 0.00001234);
+    a param's text in scientific notation keeps all of its digits (1e-05 -> 0.00001); other
+    text is shown as it is."""
+    if isinstance(value, str):
+        return _fixed(Decimal(value)) if SCIENTIFIC_RE.match(value) else value
+    if isinstance(value, float) and math.isfinite(value):
+        return _fixed(Decimal(f"{value:.{digits}g}"))
+    return str(value)
+
+
+def _fixed(number: Decimal) -> str:
+    text = format(number, "f")
+    return (text.rstrip("0").rstrip(".") if "." in text else text) or "0"
+
 
 def _fmt(value: Any, key: str = "") -> str:
     if value is None:
@@ -205,9 +234,34 @@ def _fmt(value: Any, key: str = "") -> str:
     if key == "wall_time_s":
         secs = int(value)
         return f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return plain(value)
+
+
+def legend_labels(runs: list[RunData]) -> list[str]:
+    """Each run's label with its values of the differing params: "cmp-b: lr=0.00003, n=8".
+
+    Keys are shortened to their last part unless two of them would read the same."""
+    diff = differing_params(runs)
+    if not diff:
+        return [r.label for r in runs]
+    short = {k: k.rsplit(".", 1)[-1] for k in diff}
+    names = short if len(set(short.values())) == len(short) else {k: k for k in diff}
+    more = ", ..." if len(diff) > LEGEND_PARAMS else ""
+    return [f"{r.label}: " + ", ".join(f"{names[k]}={plain(r.params.get(k, '-'))}" for k in diff[:LEGEND_PARAMS]) + more
+            for r in runs]
+
+
+def default_plot_dir(runs: list[RunData], sweep: str | None) -> Path:
+    """<runs>/_compare/<names>/: the same runs compared again land in the same folder."""
+    if sweep and all(r.tags.get("sweep") == sweep for r in runs):
+        name = sweep
+    else:
+        labels = [re.sub(r"[^A-Za-z0-9._-]+", "-", r.label).strip("-") or r.run_id[:8] for r in runs]
+        name = "+".join(labels)
+        if len(name) > 100:  # many runs: the first two and a digest of them all
+            digest = hashlib.sha1(" ".join(r.run_id for r in runs).encode()).hexdigest()[:8]
+            name = f"{labels[0][:40]}+{labels[1][:40]}+{len(runs) - 2}-more-{digest}"
+    return runs_root() / COMPARE_DIR / name
 
 
 def render(runs: list[RunData], fmt: str) -> str:
@@ -244,17 +298,18 @@ def plot(runs: list[RunData], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = legend_labels(runs)
     written = []
     for stem, (key, ylabel) in PLOTS.items():
         if not any(r.history.get(key) for r in runs):
             continue  # no run has it: no empty plot
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-        for i, r in enumerate(runs):
+        for i, (r, label) in enumerate(zip(runs, labels)):
             points = r.history.get(key)
             if points:  # missing metric: no line for that run
                 steps, values = zip(*points)
                 ax.plot(steps, values, color=colours[i % len(colours)], linewidth=2,
-                        marker="o" if len(points) < 30 else None, markersize=4, label=r.label)
+                        marker="o" if len(points) < 30 else None, markersize=4, label=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
@@ -280,7 +335,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--where", default="", help="MLflow filter, e.g. \"params.rollout.n = '8'\"")
     p.add_argument("--tracking-uri", help="default: run dir's status.json, $MLFLOW_TRACKING_URI, runs/mlflow.db")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    p.add_argument("--out", type=Path, help="plot directory (default ./compare-<timestamp>/)")
+    p.add_argument("--out", type=Path, help=f"plot directory (default: RUNS/{COMPARE_DIR}/<run names>/; "
+                                            "RUNS is $GRPO_RUNS_DIR or ./runs)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     if args.last < 0:
@@ -315,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
         raise CompareError(f"MLflow tracking server at {uri} does not answer ({_first_line(exc)})", EXIT_FAILED) from None
     print(render(runs, args.format))
     if not args.no_plots:
-        out = args.out or Path(f"compare-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        out = args.out or default_plot_dir(runs, args.sweep)
         written = plot(runs, out)
         # csv/json stay machine-readable on stdout; the plot path then goes to stderr.
         stream = sys.stdout if args.format == "table" else sys.stderr

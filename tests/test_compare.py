@@ -15,7 +15,8 @@ from matplotlib.image import imread
 from grpo_core.config import TrainConfig, flatten, to_dict
 from grpo_core.config import TrackingConfig
 from grpo_core.tracking import Tracker
-from jobs.compare import main
+from jobs import compare
+from jobs.compare import RunData, default_plot_dir, legend_labels, main, plain
 from tests.mlflow_server import free_port, mlflow_server  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,9 @@ CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]  # matplotlib's default col
 
 def _log_run(uri: str, experiment: str, name: str, overrides: dict[str, Any], with_kl: bool, restarts: int,
              tmp: Path) -> str:
-    params = {**flatten(to_dict(TrainConfig())), **overrides}
+    # as jobs.submit binds a run: its own run dir and run name
+    params = {**flatten(to_dict(TrainConfig())), "trainer.run_dir": str(tmp / name), "tracking.run_name": name,
+              **overrides}
     cfg = TrackingConfig(experiment=experiment, tracking_uri=uri)
     t = Tracker(cfg, tmp / name, active=True, run_id=None, params=params, tags={"slurm_restart_count": str(restarts)})
     n = overrides.get("rollout.n", 5)
@@ -68,7 +71,8 @@ def test_table_and_plots(runs: dict[str, str], tmp_path: Path, capsys: pytest.Ca
     lines = out.splitlines()
     start, end = lines.index(next(l for l in lines if l.startswith("params that differ"))), lines.index("metrics")
     diff = {l.split()[0]: l.split()[1:] for l in lines[start + 1 : end]}
-    assert diff == {"optim.lr": ["1e-06", "3e-05"], "rollout.n": ["5", "8"]}
+    # run_dir and run_name differ too, but they name the runs; numbers are plain, not 1e-06
+    assert diff == {"optim.lr": ["0.000001", "0.00003"], "rollout.n": ["5", "8"]}
     rows = {l.split()[0]: l.split()[1:] for l in lines[end + 1 :] if l.startswith("  ")}
     assert rows["final_val_accuracy"] == ["0.3", "0.48"] and rows["best_val_accuracy"] == ["0.3", "0.48"]
     assert rows["restarts"] == ["0", "2"] and rows["steps"] == ["6", "6"]
@@ -134,3 +138,72 @@ def test_server_that_does_not_answer(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "does not answer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plots_go_under_the_runs_folder_and_legends_name_the_varied_params(
+        runs: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    legends: dict[str, list[str]] = {}
+    savefig = Figure.savefig
+
+    def record(fig: Figure, path: Any, *args: Any, **kwargs: Any) -> None:  # the drawn legend, then the real save
+        legends[Path(path).stem] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    monkeypatch.setenv("GRPO_RUNS_DIR", str(tmp_path / "runs"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["cmp-a", "cmp-b", "--tracking-uri", runs["uri"]]) == 0
+    folder = tmp_path / "runs" / "_compare" / "cmp-a+cmp-b"
+    assert f"plots: {folder} (" in capsys.readouterr().out
+    assert {p.name for p in folder.iterdir()} == {"reward_mean.png", "val_accuracy.png", "response_length_mean.png",
+                                                  "kl.png"}
+    assert list(cwd.iterdir()) == []  # nothing in the directory it ran in
+    assert legends["reward_mean"] == ["cmp-a: lr=0.000001, n=5", "cmp-b: lr=0.00003, n=8"]
+    assert legends["kl"] == ["cmp-a: lr=0.000001, n=5"]  # cmp-b logged no kl
+
+
+def _run(label: str, params: dict[str, str], tags: dict[str, str] | None = None) -> RunData:
+    return RunData(label, label.ljust(32, "0"), "1", params, tags or {}, "FINISHED", 0, 0)
+
+
+def test_plain_numbers_by_hand() -> None:
+    # MLflow keeps params as str(value): scientific text keeps all its digits, other text stays as it is
+    assert [plain(t) for t in ("1e-05", "3e-05", "1e-06", "2.5e-4", "1.5E+3", "0.003", "8", "True", "gsm8k")] == \
+        ["0.00001", "0.00003", "0.000001", "0.00025", "1500", "0.003", "8", "True", "gsm8k"]
+    # metric floats: 4 significant digits, fixed point
+    assert [plain(v) for v in (1e-05, 0.96, 5000.0, 12345.678, 0.000012345, 100.0, 0.0, 7)] == \
+        ["0.00001", "0.96", "5000", "12350", "0.00001234", "100", "0", "7"]
+    assert [plain(v) for v in (float("nan"), float("inf"))] == ["nan", "inf"]
+
+
+def test_identity_params_are_not_differences() -> None:
+    a = _run("a", {"trainer.run_dir": "/r/a", "tracking.run_name": "a", "optim.lr": "1e-05", "trainer.seed": "1"})
+    b = _run("b", {"trainer.run_dir": "/r/b", "tracking.run_name": "b", "optim.lr": "1e-05", "trainer.seed": "2"})
+    assert compare.differing_params([a, b]) == ["trainer.seed"]  # a seed is a real param
+    assert legend_labels([a, b]) == ["a: seed=1", "b: seed=2"]
+    same = _run("c", {"trainer.run_dir": "/r/c", "optim.lr": "1e-05", "trainer.seed": "1"})
+    assert legend_labels([a, same]) == ["a", "c"]  # nothing varies: the run names alone
+
+
+def test_legend_keys_stay_whole_when_their_last_parts_clash() -> None:
+    a = _run("a", {"rollout.max_tokens": "4", "data.max_tokens": "8"})
+    b = _run("b", {"rollout.max_tokens": "6", "data.max_tokens": "9"})
+    assert legend_labels([a, b]) == ["a: data.max_tokens=8, rollout.max_tokens=4",
+                                     "b: data.max_tokens=9, rollout.max_tokens=6"]
+
+
+def test_default_plot_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GRPO_RUNS_DIR", str(tmp_path))
+    a, b = _run("lr-0", {}, {"sweep": "lr"}), _run("lr-1", {}, {"sweep": "lr"})
+    assert default_plot_dir([a, b], "lr") == tmp_path / "_compare" / "lr"  # a sweep: its name
+    assert default_plot_dir([a, b], None) == tmp_path / "_compare" / "lr-0+lr-1"
+    assert default_plot_dir([a, _run("x (0123abcd)", {})], "lr") == tmp_path / "_compare" / "lr-0+x-0123abcd"
+    many = [_run(f"run-{i:02d}-with-a-long-name", {}) for i in range(6)]
+    name = default_plot_dir(many, None).name
+    assert name.startswith("run-00-with-a-long-name+run-01-with-a-long-name+4-more-") and len(name) <= 100
+    assert default_plot_dir(many, None) == default_plot_dir(list(many), None)  # the same runs: the same folder
