@@ -7,7 +7,9 @@ without a second copy or a restart.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,26 @@ def vllm_version_warning(version: str) -> str | None:
         return None
     return (f"[grpo] warning: vLLM {version} is untested; supported: {', '.join(SUPPORTED_VLLM)}.x "
             "(weight sync and sleep reach into vLLM internals)")
+
+
+# vLLM's reload path (load_full_weights on CPU) logs "RotaryEmbedding: Failed to load weights" at
+# every weight sync, i.e. once a step. Harmless: a rotary embedding has no weights to load (its
+# cos/sin cache is computed from the model config, so no checkpoint or sync carries it), and vLLM
+# puts the cache it has back. Exactly that message is dropped; any other layer's still shows.
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_ROTARY_RELOAD_RE = re.compile(r"\w*RotaryEmbedding: Failed to load weights")
+
+
+class RotaryReloadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _ROTARY_RELOAD_RE.fullmatch(record.getMessage())
+
+
+def quiet_rotary_reload() -> None:
+    """Install RotaryReloadFilter on vLLM's reload logger (once; the engine runs in this process)."""
+    logger = logging.getLogger(RELOAD_LOGGER)
+    if not any(isinstance(f, RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(RotaryReloadFilter())
 
 
 def _prepare_env(cfg: RolloutConfig, on_cpu: bool) -> None:
@@ -128,6 +150,7 @@ class RolloutEngine:
         import vllm
         from vllm import LLM
 
+        quiet_rotary_reload()
         warning = vllm_version_warning(vllm.__version__)
         if warning:
             print(warning, file=sys.stderr, flush=True)
