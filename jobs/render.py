@@ -105,6 +105,14 @@ def submitit_parameters(profile: Profile, run: RunSpec) -> dict[str, Any]:
     return params
 
 
+def partition_note(profile: Profile) -> str | None:
+    """What --dry-run says (on stderr) when the script names no partition, so none is a choice seen."""
+    if profile.cluster.launcher == "slurm" and not profile.cluster.partition:
+        return ("note: no --partition in the script: Slurm picks the cluster's default partition "
+                "(set one with cluster.partition=NAME)")
+    return None
+
+
 def render_sbatch(profile: Profile, run: RunSpec) -> str:
     """The exact script that is submitted (Slurm) or run (local)."""
     check_run(profile, run)

@@ -27,7 +27,7 @@ from jobs import runs
 from jobs.launch import Launch
 from jobs.profiles import (BUILTIN_DIR, PROFILES_ENV, Profile, describe, dump_profile, key_reference, list_profiles,
                            load_profile, replace_train)
-from jobs.render import RunSpec, python_command, render_sbatch, submitit_parameters
+from jobs.render import RunSpec, partition_note, python_command, render_sbatch, submitit_parameters
 from jobs.runs import JobsError, RunFileError
 
 
@@ -126,9 +126,9 @@ def print_dry_run(profile: Profile, run: RunSpec) -> None:
     print(f"# ---- {Path(run.run_dir) / 'train.yaml'}: the resolved training config this job runs ----")
     for line in yaml.safe_dump(to_dict(profile.train), sort_keys=False).splitlines():
         print(f"# {line}")
-    if profile.cluster.launcher == "slurm" and not profile.cluster.partition:
-        print("note: no --partition in the script: Slurm picks the cluster's default partition "
-              "(set one with cluster.partition=NAME)", file=sys.stderr)
+    note = partition_note(profile)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def print_profiles() -> None:

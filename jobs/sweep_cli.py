@@ -21,7 +21,7 @@ RESUMABLE = ("stopped", "failed", "cancelled")
 
 def submit(args: argparse.Namespace) -> int:
     """`jobs.submit --sweep ...`: build and check every element, then create and submit them together."""
-    from jobs.render import render_array, render_local
+    from jobs.render import partition_note, render_array, render_local
     from jobs.submit import write_run_files
 
     if args.name:
@@ -46,6 +46,9 @@ def submit(args: argparse.Namespace) -> int:
             f"as one job array, {args.max_parallel or len(elements)} at once"
         print(f"\n# sweep {name}: {len(elements)} elements, {how}")
         print("\n".join(f"# {line}" for line in sweep.describe_elements(axes, elements).splitlines()))
+        note = partition_note(base)
+        if note:
+            print(note, file=sys.stderr)
         return 0
     if not local:
         runs.require_tool("sbatch")

@@ -140,6 +140,23 @@ def test_submit_creates_the_run_dir_and_submits_the_dry_run_text(fake, capsys) -
     assert (run_dir / "profile.yaml").is_file() and (run_dir / "slurm" / "4242_submitted.pkl").is_file()
 
 
+NO_PARTITION = ("note: no --partition in the script: Slurm picks the cluster's default partition "
+                "(set one with cluster.partition=NAME)\n")
+
+
+@pytest.mark.parametrize("args, note", [
+    (["--profile", "slurm-cpu"], True),                         # partition: "" (the cluster's default)
+    (["--profile", "h100x2"], True),
+    (["--profile", "slurm-cpu", "cluster.partition=gpu"], False),
+    (["--profile", "local"], False),                            # no Slurm: no partition to name
+])
+def test_dry_run_says_when_the_script_names_no_partition(fake, capsys, args: list[str], note: bool) -> None:
+    code, out, err = _submit(capsys, *args, "--name", "p", "--dry-run")
+    assert code == 0, err
+    assert ("#SBATCH --partition=" in out) == (not note and "local" not in args)
+    assert err == (NO_PARTITION if note else "")  # stderr: stdout stays the script
+
+
 def test_submitted_pickle_is_the_launch_callable(fake, capsys) -> None:
     from submitit.core.utils import DelayedSubmission
 

@@ -57,6 +57,8 @@ def test_dry_run_prints_the_array_script_and_the_elements(fake, capsys) -> None:
     assert "# sweep g: 4 elements, as one job array, 3 at once" in out
     assert "# g-3      3e-5      8" in out
     assert not fake.runs.exists() and not list(fake.state.glob("script_*"))
+    assert err == "note: no --partition in the script: Slurm picks the cluster's default partition " \
+                  "(set one with cluster.partition=NAME)\n"
 
 
 def test_slurm_sweep_is_one_array_of_runs(fake, capsys) -> None:
