@@ -13,9 +13,8 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,18 +27,17 @@ from .cli import ArgumentParser
 from .exitcodes import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_ENVIRONMENT, EXIT_OK, EXIT_PREEMPTED
 from .batch import RolloutBatch, pack
 from .config import ConfigError, TrainConfig
-from .data import DataError, PromptSampler
+from .data import DataError
 from .keyref import format_keys
 from .microbatch import Cut, Slots, even_out
-from .model_path import ModelPathError, resolve_model
+from .model_path import ModelPathError
 from .plots import write_curves
 from .preemption import WALLTIME, Preemption
 from .progress import Progress
-from .resume import resume_or_start, save
-from .engine import Engine, make_engine
-from .tasks import Prompts, Reward, Task, make_reward, make_task, tokenize
+from .trainer import Trainer, build_trainer, resume_or_start, save
+from .engine import Engine
+from .tasks import Prompts, Task
 from .tracking import Tracker
-from .weightsync import WeightSync
 from .walltime import WalltimeGuard, job_end_time
 
 TIMING_KEYS = ("time_rollout", "time_reference", "time_update", "time_sync", "time_step", "tokens_per_s", "time_validation")
@@ -166,76 +164,6 @@ def validate(engine: Engine, task: Task, prompts: Prompts, cfg: TrainConfig) -> 
     chosen = prompts.test[: cfg.trainer.val_prompts or None]
     samples = engine.greedy(chosen, cfg.rollout.val_max_tokens)
     return float(np.mean([task.score(s.text, truth) == 1.0 for s, truth in zip(samples, prompts.test_truths)]))
-
-
-@dataclass
-class Trainer:
-    """Everything a run holds between steps; `state` is what a checkpoint adds."""
-
-    cfg: TrainConfig
-    info: distributed.DistInfo
-    task: Task
-    prompts: Prompts  # the task's rows, tokenized
-    reward: Reward  # data.reward, else the task's score
-    tokenizer: object
-    engine: Engine
-    policy: object
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: PromptSampler
-    run_dir: Path
-    sync: WeightSync  # the policy's weights -> the engine
-    state: checkpoint.TrainState = field(default_factory=checkpoint.TrainState)
-
-
-def build_trainer(cfg: TrainConfig) -> Trainer:
-    """Data, model, engine, optimizer. Bad input fails here, before the run
-    directory is created."""
-    config.check_layout(cfg, distributed.env_world_size())  # before any rank waits for the others
-    info = distributed.init_distributed(cfg.trainer.device, own_gpu=cfg.rollout.tensor_parallel_size == 1)
-    if cfg.model.share_base_weights and info.device.type != "cuda":
-        raise ConfigError(f"model.share_base_weights=true needs a CUDA device (this run is on {info.device.type})")
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)  # before vLLM, which freezes it
-    task = make_task(cfg.data, cfg.trainer.seed)
-    model_path = resolve_model(cfg, task, info)
-
-    from transformers import AutoTokenizer
-
-    from .policy import Policy
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except OSError as exc:  # a hub id that is unreachable or wrong
-        raise ModelPathError(f"cannot load model.path={cfg.model.path}: {str(exc).strip().splitlines()[0]}") from None
-    prompts = tokenize(task, tokenizer, cfg.data.max_prompt_tokens, cfg.data.task)
-    engine = make_engine(
-        model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.trainer.seed, lora_rank=cfg.model.lora_rank,
-        max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.rollout.val_max_tokens),
-        on_cpu=info.device.type == "cpu", load_format=cfg.model.load_format,
-    )
-    shared_base = None
-    if cfg.model.share_base_weights:
-        if not hasattr(engine, "share_weights"):
-            raise ConfigError(f"model.share_base_weights=true needs an engine that lends its weights; "
-                              f"rollout.engine={cfg.rollout.engine} does not")
-        shared_base = engine.share_weights
-    policy = Policy(
-        model_path, cfg.model, cfg.trainer, info, needs_reference=cfg.algorithm.kl_coef > 0, shared_base=shared_base,
-    )
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
-    )
-    warmup = max(1, o.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    sampler = PromptSampler(len(prompts.train), cfg.trainer.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # adapters travel through memory, not disk
-    return Trainer(
-        cfg, info, task, prompts, make_reward(cfg.data, task), tokenizer, engine, policy, optimizer, scheduler, sampler,
-        run_dir=Path(cfg.trainer.run_dir).resolve(),
-        sync=WeightSync(policy, Path(tempfile.mkdtemp(prefix="grpo-adapter-", dir=shm))),
-    )
 
 
 def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dict[str, float]:
