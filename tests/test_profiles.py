@@ -222,6 +222,9 @@ def test_cluster_time_old_spelling_still_reads(tmp_path: Path) -> None:
     assert load_profile("h100x2", ["cluster.time_min=45"]).cluster.time_min == 45
     old = _write(tmp_path, "old", "extends: h100x2\ncluster:\n  time_min: 30\n")
     assert load_profile(str(old)).cluster.time == "30"  # and it overrides the parent's cluster.time
+    resolved = dump_profile(load_profile("slurm-cpu")).replace("  time: '30'\n", "  time_min: 30\n")
+    assert "time_min: 30" in resolved  # a run dir's profile.yaml from before cluster.time (resubmit reads it)
+    assert load_resolved(_write(tmp_path, "run", resolved)).cluster.time_min == 30
     both = _write(tmp_path, "both", "extends: h100x2\ncluster:\n  time_min: 30\n  time: '1:00:00'\n")
     with pytest.raises(ConfigError, match="cluster.time_min is the old name of cluster.time; set only cluster.time"):
         load_profile(str(both))
