@@ -133,11 +133,11 @@ def search_path() -> list[Path]:
     return dirs + [BUILTIN_DIR]
 
 
-def list_profiles() -> dict[str, Path]:
-    """Every profile name on the search path -> its file (earlier folders shadow later ones).
-    A name starting with BASE_PREFIX is a base that recipes extend (found, not listed)."""
+def list_profiles(folders: Sequence[Path] | None = None) -> dict[str, Path]:
+    """Every profile name in `folders` (default: the search path) -> its file (earlier folders
+    shadow later ones). A name starting with BASE_PREFIX is a base that recipes extend (found, not listed)."""
     found: dict[str, Path] = {}
-    for folder in search_path():
+    for folder in search_path() if folders is None else folders:
         if folder.is_dir():
             for path in sorted(folder.glob("*.yaml")):
                 if not path.stem.startswith(BASE_PREFIX):

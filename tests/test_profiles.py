@@ -10,7 +10,7 @@ from grpo_core.config import ConfigError
 from jobs import profiles
 from jobs.profiles import dump_profile, list_profiles, load_profile, load_resolved
 
-SHIPPED = ("local", "slurm-cpu", "h100x2", "h800x4")
+SHIPPED = tuple(list_profiles([profiles.BUILTIN_DIR]))
 
 
 def _error(name: str, overrides: list[str] | None = None) -> str:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from jobs.profiles import BUILTIN_DIR, list_profiles
 from tests.conftest import REPO
 
 SCRIPTS = ("grpo-submit", "grpo-status", "grpo-resubmit", "grpo-cancel", "grpo-compare", "grpo-plan", "grpo-train")
-PROFILES = ("h100x2", "h800x4", "local", "slurm-cpu")
+PROFILES = tuple(list_profiles([BUILTIN_DIR]))
 pytestmark = pytest.mark.timeout(900)
 
 
