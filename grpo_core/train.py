@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import socket
 import sys
 import time
@@ -235,7 +235,17 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
 
 def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult:
     tr = build_trainer(cfg)
-    run_dir, info = tr.run_dir, tr.info
+    try:
+        return run(tr, preemption)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that got us here is the one to report
+            tr.close()
+        raise
+
+
+def run(tr: Trainer, preemption: Preemption | None = None) -> TrainResult:
+    """Resume or start, then the loop; closes the engine when the loop ends."""
+    cfg, run_dir, info = tr.cfg, tr.run_dir, tr.info
     run_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         (run_dir / "train.yaml").write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
@@ -296,8 +306,7 @@ def train(cfg: TrainConfig, preemption: Preemption | None = None) -> TrainResult
             break
     if progress is not None:
         progress.close()
-    shutil.rmtree(tr.sync.adapter_dir, ignore_errors=True)
-    tr.engine.close()
+    tr.close()
     if info.is_main:
         rundir.write_status(run_dir, state=status)
         if status == "finished":

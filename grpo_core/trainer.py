@@ -4,8 +4,10 @@ end to end: what save() gathers from every rank, how resume_or_start() puts it b
 grpo_core.checkpoint writes and reads the files."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -46,6 +48,14 @@ class Trainer:
     run_dir: Path
     sync: WeightSync  # the policy's weights -> the engine
     state: checkpoint.TrainState = field(default_factory=checkpoint.TrainState)
+    closed: bool = False
+
+    def close(self) -> None:
+        """The engine down (while the process group it joined exists) and the adapter dir gone; once."""
+        if not self.closed:
+            self.closed = True
+            shutil.rmtree(self.sync.adapter_dir, ignore_errors=True)
+            self.engine.close()
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
@@ -62,8 +72,6 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
     from transformers import AutoTokenizer
 
-    from .policy import Policy
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except OSError as exc:  # a hub id that is unreachable or wrong
@@ -74,6 +82,19 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.rollout.val_max_tokens),
         on_cpu=info.device.type == "cpu", load_format=cfg.model.load_format,
     )
+    try:
+        return _with_engine(cfg, info, task, prompts, tokenizer, model_path, engine)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that got us here is the one to report
+            engine.close()
+        raise
+
+
+def _with_engine(cfg: TrainConfig, info: distributed.DistInfo, task: Task, prompts: Prompts, tokenizer: object,
+                 model_path: str, engine: Engine) -> Trainer:
+    """The rest of build_trainer, once the engine exists (which it closes if this fails)."""
+    from .policy import Policy
+
     shared_base = None
     if cfg.model.share_base_weights:
         if not hasattr(engine, "share_weights"):

@@ -14,7 +14,7 @@ from grpo_core import checkpoint
 from grpo_core.checkpoint import TrainState, complete_checkpoints, load_checkpoint, save_checkpoint
 from grpo_core.rundir import read_metrics, truncate_metrics
 from tests.equivalence import assert_same_run
-from tests.test_train_e2e import REPO, trainer_cmd
+from tests.test_train_e2e import FAKE_ENGINE, REPO, trainer_cmd
 
 COMMON = ["checkpoint.every=2", "checkpoint.keep=3", "tracking.enabled=false", "trainer.prompts_per_step=8",
           "trainer.mini_batch_prompts=8", "trainer.micro_batch_size=64", "rollout.n=8"]
@@ -76,3 +76,30 @@ def test_torn_and_foreign_metrics_lines_are_skipped(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     truncate_metrics(tmp_path, 1)
     assert (tmp_path / "metrics.jsonl").read_text() == json.dumps({"step": 1, "a": 1}) + "\n"
+
+
+def test_no_loadable_checkpoint_refuses_then_starts_over_on_request(model: Path, tmp_path: Path) -> None:
+    """Every checkpoint torn: exit 3 with one error line and the real vLLM engine closed cleanly (no
+    shutdown traceback); nothing set aside or deleted. checkpoint.start_over=true then runs from step 0
+    (the pure-torch engine: that part is about the loop)."""
+    run = tmp_path / "run"
+    for step in (2, 4):
+        ckpt = run / "checkpoints" / f"step_{step:06d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / checkpoint.TRAINABLE).write_bytes(b"torn")
+        (ckpt / checkpoint.STATE).write_bytes(b"torn")
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    proc = _train(model, run, 6)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no loadable checkpoint in {run / 'checkpoints'} (2 unloadable: step_000004, "
+                      "step_000002); to start over from step 0 set checkpoint.start_over=true"], proc.stderr[-3000:]
+    assert proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-3000:]  # nothing after it: a clean shutdown
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert not (run / "metrics.jsonl").exists()
+    proc = _ok(_train(model, run, 2, "checkpoint.start_over=true", f"rollout.engine={FAKE_ENGINE}"))
+    assert "starting over from step 0 (checkpoint.start_over)" in proc.stderr
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        ".corrupt-step_000002", ".corrupt-step_000004", "step_000002"]
