@@ -22,7 +22,6 @@ from .data import PROMPT_SUFFIX, DataError, load_gsm8k, synthetic_arithmetic
 from .reward import gsm8k_score
 
 Reward = Callable[[str, str], float]
-BUILTIN_TASKS = ("gsm8k", "synthetic")
 SPLITS = ("train", "test")
 
 
@@ -83,6 +82,7 @@ class SyntheticArithmetic:
 
 
 _BUILTIN = {"gsm8k": GSM8K, "synthetic": SyntheticArithmetic}
+BUILTIN_TASKS = tuple(_BUILTIN)  # data.task's names
 
 
 def load_callable(spec: str, key: str) -> Callable:
