@@ -41,10 +41,19 @@ class ModelConfig:
     lora_alpha: int = 32  # LoRA scaling is lora_alpha / lora_rank
     lora_target_modules: str = "all-linear"  # or comma-separated module names
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    # with gradient_checkpointing: only the first N decoder layers recompute (0: all), the others keep their
+    # activations (faster; jobs.plan --tune: the fewest that fit)
+    recompute_layers: int = 0
     attn_implementation: str = "sdpa"  # the HF trainer model's attention (transformers' attn_implementation)
     load_format: str = "auto"  # vLLM's; "dummy" = random weights (benchmarks)
     # LoRA on CUDA: the frozen base is vLLM's own weights (views), not a second copy
     share_base_weights: bool = False
+
+    def recomputed(self, layers: int) -> int:
+        """How many of the model's `layers` decoder layers (the first ones) recompute in backward."""
+        if self.recompute_layers > layers:
+            raise ConfigError(f"model.recompute_layers={self.recompute_layers} > the model's {layers} decoder layers")
+        return (self.recompute_layers or layers) if self.gradient_checkpointing else 0
 
 
 @dataclass(frozen=True)
@@ -459,7 +468,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "data.synthetic_max_sum": (d.synthetic_max_sum, 1), "data.synthetic_train_size": (d.synthetic_train_size, 1),
         "data.synthetic_test_size": (d.synthetic_test_size, 1), "model.tiny_hidden": (m.tiny_hidden, 1),
         "model.tiny_layers": (m.tiny_layers, 1), "model.lora_rank": (m.lora_rank, 0),
-        "model.lora_alpha": (m.lora_alpha, 1), "checkpoint.every": (c.every, 0), "checkpoint.keep": (c.keep, 1),
+        "model.lora_alpha": (m.lora_alpha, 1), "model.recompute_layers": (m.recompute_layers, 0), "checkpoint.every": (c.every, 0), "checkpoint.keep": (c.keep, 1),
         "trainer.val_every": (t.val_every, 0), "trainer.val_prompts": (t.val_prompts, 0),
         "trainer.num_threads": (t.num_threads, 0), "trainer.micro_batch_tokens": (t.micro_batch_tokens, 0),
         "trainer.logprob_micro_batch_tokens": (t.logprob_micro_batch_tokens, 0), "trainer.seed": (t.seed, 0), "optim.warmup_steps": (o.warmup_steps, 0),
@@ -483,6 +492,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if t.logprob_micro_batch_size < 0:
         raise ConfigError(f"trainer.logprob_micro_batch_size={t.logprob_micro_batch_size} must be >= 0 "
                           "(0: the same as trainer.micro_batch_size)")
+    if m.recompute_layers and not m.gradient_checkpointing:
+        raise ConfigError(f"model.recompute_layers={m.recompute_layers} needs model.gradient_checkpointing=true")
     if t.prompts_per_step % t.mini_batch_prompts:
         raise ConfigError(
             f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step={t.prompts_per_step}"

@@ -185,7 +185,8 @@ def layer_activation_bytes(shape: ModelShape, seq: int, *, full: bool, targets: 
     and up (6I) and down's input (2I); no dropout. Attention saves q, k, v,
     output and fp32 logsumexp, with no s^2 term, except: HF's sdpa path with a
     padding mask repeats k/v to all heads and torch turns the bool mask into a
-    bf16 bias per call (2s per token); eager keeps the fp32 and bf16 probs.
+    bf16 bias per call (2s per token; packed rows: s is the whole pass); eager
+    keeps the fp32 and bf16 probs.
     Checked on an H200 (14B-wide layers, peak allocated): within 1%.
     """
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
@@ -195,7 +196,7 @@ def layer_activation_bytes(shape: ModelShape, seq: int, *, full: bool, targets: 
     b += act * i * ("down_proj" in trains) + act * 3 * i  # down's input; gate, silu(gate), up
     if attn == "eager":
         b += act * (2 * q + 2 * q) + shape.heads * seq * (4 + act) + act * q  # q, k/v repeated, probs, out copy
-    elif attn.startswith("flash"):
+    elif attn.startswith("flash") or attn == "flex_attention":  # flex: a block mask, k/v not repeated
         b += act * (2 * q + 2 * kv) + 4 * shape.heads
     else:  # sdpa, padded batch: repeated k/v + per-layer bf16 mask bias
         b += act * 4 * q + 4 * shape.heads + act * seq
@@ -309,8 +310,9 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     act = ACT if m.dtype == "bfloat16" else 4
     tbytes = 4  # fp32: full FT master weights (grpo_core.policy loads fp32), peft adapters; grads and Adam alike
     seq = cfg.data.max_prompt_tokens + r.max_tokens
-    tokens = t.micro_batch_size * seq
-    ref_tokens = t.logprob_micro * seq  # the no-grad log-prob passes
+    tokens = pass_tokens(t.micro_batch_tokens, t.micro_batch_size, seq)
+    ref_tokens = pass_tokens(t.logprob_micro_batch_tokens, t.logprob_micro, seq)  # the no-grad log-prob passes
+    recomputed = m.recomputed(shape.layers)  # the first layers recompute in backward
     notes: list[str] = []
 
     # ---- where trainer state lives in each stage
@@ -383,11 +385,15 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     # ---- transient compute (GPU). Measured on an H200, the update peaks at the start of backward
     # (activations + logits + their grad + one recomputed log-prob chunk), a layer's recompute and
     # backward come later (logits freed), and full FT's root reduce-scatter at the end (activations freed).
-    act_layer = layer_activation_bytes(shape, seq, full=not lora, targets=targets, rank=m.lora_rank,
-                                       attn=m.attn_implementation, act=act)
+    # packed rows are one sequence: sdpa's and eager's [s, s] terms span the pass
+    span = lambda n: n if t.pack_sequences else seq  # noqa: E731
+    act_layer, act_ref = (layer_activation_bytes(shape, span(n), full=not lora, targets=targets, rank=m.lora_rank,
+                                                 attn=m.attn_implementation, act=act) for n in (tokens, ref_tokens))
     final = 4 * shape.hidden + (2 * act * shape.hidden if not lora else 0)  # final norm (+ weight, lm_head input)
     chunk_per_row = min(k.logprob_chunk, seq) if k.logprob_chunk else seq  # full-logits path: log-softmax positions
-    chunk_tokens = t.micro_batch_size * chunk_per_row
+    # a token budget's rows may all be short ones: every position in the log-softmax chunk at worst
+    chunk_tokens = tokens if t.micro_batch_tokens else t.micro_batch_size * chunk_per_row
+    ref_chunk_tokens = ref_tokens if t.logprob_micro_batch_tokens else t.logprob_micro * chunk_per_row
     root = shape.root_params()
     # A shared base stays out of FSDP2: nothing of it is all-gathered.
     fsdp_root = Part(f"FSDP root all-gathered (embed + lm_head, {m.dtype})", 0.0 if share else _gib(root * dbytes), "gpu")
@@ -400,23 +406,31 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
             if k.head_chunk_tokens:  # one chunk's logits and their fp32 upcast/log-softmax
                 logits = shape.vocab * min(k.head_chunk_tokens, ref_tokens) * (act + 8)
             else:  # all logits + a chunk's fp32 upcast/log-softmax
-                logits = shape.vocab * (act * ref_tokens + 8 * t.logprob_micro * chunk_per_row)
-            layer = act_layer * ref_tokens
+                logits = shape.vocab * (act * ref_tokens + 8 * ref_chunk_tokens)
+            layer = act_ref * ref_tokens
             big = (("logits + fp32 log-softmax chunk", logits, f"layer forward {_gib(layer):.1f} GiB")
                    if logits >= layer else ("layer forward (1 layer)", layer, f"logits {_gib(logits):.1f} GiB"))
             return [fsdp, Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")]
         if stage == "update":
             ckpt = (shape.layers * act * shape.hidden + final) * tokens  # checkpointed layer inputs
             no_ckpt = (shape.layers * act_layer + final) * tokens
-            what, a, alt = (("checkpointed layer inputs", ckpt, f"{_gib(no_ckpt):.1f} GiB without checkpointing")
-                            if m.gradient_checkpointing else ("all layers", no_ckpt, f"{_gib(ckpt):.1f} GiB with checkpointing"))
+            # recomputed layers keep their input only, the others all they save
+            a = (recomputed * act * shape.hidden + (shape.layers - recomputed) * act_layer + final) * tokens
+            what, alt = (("checkpointed layer inputs", f"{_gib(no_ckpt):.1f} GiB without checkpointing")
+                         if recomputed == shape.layers else
+                         ("all layers", f"{_gib(ckpt):.1f} GiB with checkpointing") if not recomputed else
+                         (f"the first {recomputed} of {shape.layers} layers recomputed",
+                          f"{_gib(ckpt):.1f} GiB all recomputed, {_gib(no_ckpt):.1f} GiB none"))
             ent = ENTROPY_BYTES * tokens if cfg.algorithm.entropy_coef > 0 or k.entropy_metric else 0
             if k.head_chunk_tokens:  # one recomputed chunk: logits, fp32 log-softmax and grads, entropy from it
                 logits = shape.vocab * min(k.head_chunk_tokens, tokens) * (
                     2 * act + LOGITS_FP32_BYTES + (8 if ent else 0))
             else:
                 logits = shape.vocab * (2 * act * tokens + LOGITS_FP32_BYTES * chunk_tokens + ent)
-            layer = (act_layer * tokens if m.gradient_checkpointing else 0) + BACKWARD_WORKSPACE * act_layer * tokens
+            # A recomputed layer's activations exist again during its backward. The first layers' backward
+            # comes last, when the later layers' activations are freed: only when the last layer recomputes
+            # too does its recompute coincide with everything else held.
+            layer = (act_layer * tokens if recomputed == shape.layers else 0) + BACKWARD_WORKSPACE * act_layer * tokens
             layer += layer_grads
             big = (("logits + grad + fp32 chunk" + (" + entropy" if ent else ""), logits, f"layer backward {_gib(layer):.1f} GiB")
                    if logits >= layer else ("layer recompute + backward", layer, f"logits {_gib(logits):.1f} GiB"))
@@ -458,6 +472,49 @@ def _build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float
     return plan
 
 
+def pass_tokens(budget: int, rows: int, seq: int) -> int:
+    """A pass's most token slots: its token budget (a longer row runs alone), else `rows` rows of `seq`."""
+    return max(budget, seq) if budget else rows * seq
+
+
+def largest_budget(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs,
+                   key: str, step: int = 256) -> tuple[int, float] | None:
+    """The largest token budget for `key` (trainer.micro_batch_tokens or trainer.logprob_micro_batch_tokens)
+    whose plan keeps SUGGEST_HEADROOM, and its peak: a multiple of `step` tokens (or one sequence), at
+    most a rank's whole mini-batch (the update) or batch (the no-grad passes). None: not even one sequence."""
+    t, seq = cfg.trainer, cfg.data.max_prompt_tokens + cfg.rollout.max_tokens
+    prompts = t.mini_batch_prompts if key == "trainer.micro_batch_tokens" else t.prompts_per_step
+    most = -(-prompts * cfg.rollout.n // gpus) * seq
+    sizes = [seq] + list(range(-(-seq // step) * step, most, step)) + [most]
+    sizes = sorted(set(x for x in sizes if seq <= x <= most))
+    peak = lambda i: _build(name, shape, _with(cfg, key, sizes[i]), gpus, mem, k)  # noqa: E731
+    lo, hi, best = 0, len(sizes) - 1, None  # the peak grows with the budget: bisect
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        q = peak(mid)
+        if _roomy(q):
+            best, lo = (sizes[mid], q.peak_gib), mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def fewest_recomputed(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs,
+                      above: int = 0) -> tuple[int, float] | None:
+    """The fewest recomputed layers (the first ones; more than `above`, fewer than all, which is
+    gradient_checkpointing's own) whose plan keeps SUGGEST_HEADROOM, and its peak; None if none does."""
+    ckpt = _with(cfg, "model.gradient_checkpointing", True)
+    lo, hi, best = above + 1, shape.layers - 1, None
+    while lo <= hi:  # the peak falls with each recomputed layer: bisect
+        mid = (lo + hi) // 2
+        q = _build(name, shape, _with(ckpt, "model.recompute_layers", mid), gpus, mem, k)
+        if _roomy(q):
+            best, hi = (mid, q.peak_gib), mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
 def _roomy(p: Plan) -> bool:
     """Fits with SUGGEST_HEADROOM: what advice may propose."""
     return p.fits and p.peak_gib <= SUGGEST_HEADROOM * p.gpu_mem_gib
@@ -478,8 +535,19 @@ def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: floa
     """Candidate one-key changes, in order of preference; searched ones (micro-batch, utilization) only if they fit."""
     m, r, t = cfg.model, cfg.rollout, cfg.trainer
     c: list[tuple[str, Any, int]] = []
+    some = fewest_recomputed(name, shape, cfg, gpus, mem, k, m.recompute_layers if m.gradient_checkpointing else 0)
+    if some is not None:  # recomputing only the first layers, before recomputing all of them
+        c2 = _with(_with(cfg, "model.gradient_checkpointing", True), "model.recompute_layers", some[0])
+        switch = "" if m.gradient_checkpointing else "model.gradient_checkpointing=true + "
+        c.append((f"{switch}model.recompute_layers={some[0]}", c2, gpus))
     if not m.gradient_checkpointing:
         c.append(("model.gradient_checkpointing=true", _with(cfg, "model.gradient_checkpointing", True), gpus))
+    elif m.recompute_layers:
+        c.append(("model.recompute_layers=0", _with(cfg, "model.recompute_layers", 0), gpus))
+    for key in ("trainer.micro_batch_tokens", "trainer.logprob_micro_batch_tokens"):  # a budget set: a smaller one
+        size = largest_budget(name, shape, cfg, gpus, mem, k, key) if getattr(t, key[8:]) else None
+        if size is not None and size[0] < getattr(t, key[8:]):
+            c.append((f"{key}={size[0]}", _with(cfg, key, size[0]), gpus))
     # the largest micro-batch that fits; the log-prob one only when set apart (0 follows the update's)
     for key, current in (("trainer.micro_batch_size", t.micro_batch_size),
                          ("trainer.logprob_micro_batch_size", t.logprob_micro_batch_size)):
@@ -527,11 +595,31 @@ def _fitting(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: K
     return out
 
 
-def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knobs = Knobs(), name: str = "") -> Plan:
-    """The memory plan; if it does not fit, `suggestions` lists changes (one, else two) that make it fit."""
+def _sizing_notes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs, tune: bool) -> list[str]:
+    """The largest token budgets and the fewest recomputed layers that fit, for the keys set (or all: tune)."""
+    notes = []
+    for key, what in (("trainer.micro_batch_tokens", "update"), ("trainer.logprob_micro_batch_tokens", "no-grad log-prob")):
+        if tune or getattr(cfg.trainer, key[8:]):
+            size = largest_budget(name, shape, cfg, gpus, mem, k, key)
+            notes.append(f"{key}={size[0]} fits (peak {size[1]:.1f} GiB): the largest {what} token budget at "
+                         f"<= {SUGGEST_HEADROOM:.0%} of the GPU" if size else f"{key}: not even one sequence fits")
+    m = cfg.model
+    if m.gradient_checkpointing and (tune or m.recompute_layers):
+        some = fewest_recomputed(name, shape, cfg, gpus, mem, k)
+        if some is not None:
+            notes.append(f"model.recompute_layers={some[0]} fits (peak {some[1]:.1f} GiB): the fewest recomputed "
+                         f"layers of {shape.layers} at <= {SUGGEST_HEADROOM:.0%} of the GPU")
+    return notes
+
+
+def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knobs = Knobs(), name: str = "",
+         tune: bool = False) -> Plan:
+    """The memory plan; if it does not fit, `suggestions` lists changes (one, else two) that make it fit.
+    A fitting plan's notes size the token budgets and recomputed layers that are set (tune: all of them)."""
     p = _build(name, shape, cfg, gpus, gpu_mem_gib, knobs)
     r = cfg.rollout
     if p.fits:
+        p.notes += _sizing_notes(name, shape, cfg, gpus, gpu_mem_gib, knobs, tune)
         if not _roomy(p):
             p.notes.append(f"the peak is {100 * p.peak_gib / gpu_mem_gib:.1f}% of the GPU: less than "
                            f"{100 * (1 - SUGGEST_HEADROOM):.0f}% headroom for allocator spikes the model does not see")
@@ -552,7 +640,7 @@ def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knob
             continue  # pairs start with a change that helps but is not enough
         more = [(m, pk) for m, pk in _fitting(name, shape, c2, g, gpu_mem_gib, knobs)
                 if m not in singles and not m.startswith(("use ", label.split("=")[0]))]
-        if more:
+        if more and f"{label} + {more[0][0]}" not in {f for f, _ in found}:  # a pair may repeat a two-key single
             found.append((f"{label} + {more[0][0]}", more[0][1]))
     if not found:  # greedy: take the change that helps most, a few times, until one more change fits
         c2, g, combo = cfg, gpus, []

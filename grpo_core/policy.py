@@ -42,6 +42,18 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError("could not find the decoder layers to shard")
 
 
+def set_recompute(model: nn.Module, count: int) -> None:
+    """The first `count` decoder layers recompute their activations in backward, the others keep them.
+    (HF's switch turns on every GradientCheckpointingLayer; each layer's own flag is read per call.)"""
+    layers = _decoder_layers(model)
+    if count:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < count
+
+
 def _lora_targets(spec: str) -> str | list[str]:
     return "all-linear" if spec == "all-linear" else [s.strip() for s in spec.split(",") if s.strip()]
 
@@ -168,7 +180,7 @@ class Policy:
         # checkpointing (GradientCheckpointingLayer checks self.training).
         model.train()
         if model_cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_recompute(model, model_cfg.recomputed(len(_decoder_layers(model))))
         self.reference: nn.Module | None = None
         if self.is_lora:
             from peft import LoraConfig, get_peft_model

@@ -2,6 +2,7 @@
 
     python -m jobs.plan --profile h100x2 [train.trainer.micro_batch_size=4 ...] [--gpu-mem-gib 80] [--json]
     python -m jobs.plan --config train.yaml --gpus 2 [trainer.micro_batch_size=4 ...]
+    python -m jobs.plan --profile h100x2 --tune   # + the largest token budgets, the fewest recomputed layers
 
 Exit 0: fits; 1: does not fit (the verdict names changes that would fit);
 2: bad input (one line on stderr). The formulas and calibration constants
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-entropy-metric", action="store_true",
                     help="the trainer skips the entropy metric when algorithm.entropy_coef=0")
     ap.add_argument("--vllm-process", action="store_true", help="vLLM engine core in its own process (2nd CUDA context)")
+    ap.add_argument("--tune", action="store_true",
+                    help="size trainer.micro_batch_tokens, trainer.logprob_micro_batch_tokens and model.recompute_layers "
+                         "for this GPU (the largest budgets, the fewest recomputed layers that fit); a config that sets "
+                         "one of them gets its line anyway")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
 
@@ -115,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              vllm_in_process=not args.vllm_process, entropy_metric=not args.no_entropy_metric,
                              gpus_per_node=per_node,
                              host_mem_gib=host_gib)
-        p = memory.plan(shape, cfg, gpus, args.gpu_mem_gib, knobs, name=name)
+        p = memory.plan(shape, cfg, gpus, args.gpu_mem_gib, knobs, name=name, tune=args.tune)
     except (ConfigError, ValueError, OSError) as exc:
         fail(f"plan: {exc}", EXIT_BAD_INPUT)
     print(json.dumps(p.to_dict(), indent=1) if args.json else format_plan(p, "train." if args.profile else ""))
