@@ -41,7 +41,7 @@ def add_args(p) -> None:
     g.add_argument("--mem-target", type=float, default=80.0, help="GiB the step should fit in (the issue: 80)")
     g.add_argument("--grpo-variant", action="append", default=[], metavar="TAG:KEY=VALUE[,KEY=VALUE]",
                    help="after the recipe's steps, the same trainer with these overrides (model.gradient_checkpointing, "
-                        "trainer.*, algorithm.*), recorded with _TAG appended to every metric (repeatable)")
+                        "model.recompute_layers, trainer.*, algorithm.*), recorded with _TAG appended to every metric (repeatable)")
 
 
 def run(ctx) -> None:
@@ -51,13 +51,13 @@ def run(ctx) -> None:
         saved = (ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX)
         try:
             ctx.cfg = ctx.tr.cfg = _apply(ctx.cfg, [o for o in overrides.split(",") if o])
-            _set_checkpointing(ctx.tr.policy, ctx.cfg.model.gradient_checkpointing)
+            _set_recompute(ctx.tr.policy, ctx.cfg.model)
             common.METRIC_SUFFIX = f"{saved[2]}_{tag}"
             print(f"[bench] ---- grpo_step variant {tag}: {overrides}", flush=True)
             measure(ctx)
         finally:
             ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX = saved
-            _set_checkpointing(ctx.tr.policy, ctx.cfg.model.gradient_checkpointing)
+            _set_recompute(ctx.tr.policy, ctx.cfg.model)
 
 
 def _apply(cfg, overrides):
@@ -67,12 +67,11 @@ def _apply(cfg, overrides):
     return config.validate(config.build(config.TrainConfig, data))
 
 
-def _set_checkpointing(policy, on: bool) -> None:
-    model = policy.model  # peft passes these through to the HF model
-    if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
+def _set_recompute(policy, model_cfg) -> None:
+    """A variant's model.gradient_checkpointing / model.recompute_layers on the built policy."""
+    from grpo_core.policy import _decoder_layers, set_recompute
+
+    set_recompute(policy.model, model_cfg.recomputed(len(_decoder_layers(policy.model))))
 
 
 def measure(ctx) -> None:
@@ -143,8 +142,11 @@ def measure(ctx) -> None:
         "profile": args.profile, "overrides": args.set, "prompts_per_step": cfg.trainer.prompts_per_step,
         "n": cfg.rollout.n, "sequences_per_step": cfg.trainer.prompts_per_step * cfg.rollout.n,
         "micro_batch_size": cfg.trainer.micro_batch_size, "mini_batch_prompts": cfg.trainer.mini_batch_prompts,
-        "logprob_micro_batch_size": cfg.trainer.logprob_micro,
+        "logprob_micro_batch_size": cfg.trainer.logprob_micro, "micro_batch_tokens": cfg.trainer.micro_batch_tokens,
+        "logprob_micro_batch_tokens": cfg.trainer.logprob_micro_batch_tokens,
+        "pack_sequences": cfg.trainer.pack_sequences, "attn_implementation": cfg.model.attn_implementation,
         "lora_rank": cfg.model.lora_rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "recompute_layers": cfg.model.recompute_layers,
         "kl_coef": cfg.algorithm.kl_coef, "entropy_coef": cfg.algorithm.entropy_coef,
         "param_offload": cfg.trainer.param_offload, "optimizer_offload": cfg.trainer.optimizer_offload,
         "response_length": {"dist": f"normal({mean}, {sd}) clipped to [{lo}, {hi}]", "mean": float(np.mean(lengths)),
