@@ -209,6 +209,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+INT_MAX = 2**31 - 1  # every int key reaches a C int somewhere (torch threads, numpy seeds, vLLM lengths)
+_SHOWN_MAX = 80  # characters of a bad value echoed in a message
+
+
+def _shown(value: Any) -> str:
+    """repr(value), cut: a 5000-digit number is named, not echoed."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_MAX else f"{text[:_SHOWN_MAX]}... ({len(text)} characters)"
+
+
 def _check_value(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
@@ -227,7 +237,7 @@ def _check_value(tp: Any, value: Any, where: str) -> Any:
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected int, got bool {value!r}")
     if not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {_shown(value)}")
     return value
 
 
@@ -256,11 +266,11 @@ def _parse_scalar(tp: Any, text: str, key: str) -> Any:
             return True
         if low in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"{key}: expected bool (true/false), got {text!r}")
+        raise ConfigError(f"{key}: expected bool (true/false), got {_shown(text)}")
     try:
         return tp(text) if tp is not int else int(text, 10)
     except ValueError:
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {text!r}") from None
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_shown(text)}") from None
 
 
 def _parse_list(text: str, key: str) -> list[Any]:
@@ -353,6 +363,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise _yaml_error(path, exc) from None
+    except ValueError as exc:  # a number with more digits than Python converts (int's 4300-digit limit)
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0][:200]}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: unreadable ({exc})") from None
     if not isinstance(data, dict):
@@ -462,6 +474,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, value in flatten(to_dict(cfg)).items():
         if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{key}={value} must be a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+            raise ConfigError(f"{key}={_shown(value)} must be at most {INT_MAX} in size")
     at_least = {  # key: (value, lowest allowed)
         "rollout.val_max_tokens": (r.val_max_tokens, 1), "rollout.max_num_seqs": (r.max_num_seqs, 1),
         "rollout.tensor_parallel_size": (r.tensor_parallel_size, 1), "data.max_prompt_tokens": (d.max_prompt_tokens, 1),

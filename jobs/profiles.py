@@ -215,7 +215,17 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = (), files: list[Path] | None 
         return data
     if not isinstance(parent, str) or not parent:
         raise ConfigError(f"profile {path.stem}: 'extends' must be a profile name or path")
-    base = _read_raw(find_profile(parent, relative_to=path.parent, skip=seen + (path,)), seen + (path,), files)
+    chain = seen + (path,)
+    try:
+        found = find_profile(parent, relative_to=path.parent, skip=chain)
+    except ConfigError:
+        # By name, the chain's own files are skipped (local.yaml may extend the shipped local):
+        # a name that only they have is a cycle, not an unknown profile.
+        if _looks_like_path(parent) or not any(p.stem == parent for p in chain):
+            raise
+        raise ConfigError(f"{path}: extends cycle: {' -> '.join(p.stem for p in chain)} -> {parent} "
+                          f"(no other profile named '{parent}' to extend)") from None
+    base = _read_raw(found, chain, files)
     base.pop("description", None)  # a description belongs to one file
     return deep_merge(base, data)
 

@@ -129,3 +129,20 @@ def test_train_cli_bad_input_is_at_most_three_lines(args: list[str], tmp_path: P
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and 1 <= len(lines) <= 3 and "Traceback" not in out.stderr, out.stderr
     assert lines[-1].startswith("error: "), out.stderr
+
+
+@pytest.mark.parametrize("files, start, cycle", [
+    ({"selfn": "extends: selfn\n"}, "selfn", "selfn -> selfn"),
+    ({"a": "extends: b\n", "b": "extends: a\n"}, "a", "a -> b -> a"),
+    ({"a": "extends: b\n", "b": "extends: c\n", "c": "extends: b\n"}, "a", "a -> b -> c -> b"),
+])
+def test_extends_cycle_by_name(files: dict, start: str, cycle: str, tmp_path: Path, monkeypatch) -> None:
+    """By name a profile never finds itself (a user's local.yaml may extend the shipped local), so a
+    name only the chain has is a cycle, said as one, not 'unknown profile' listing that very name."""
+    for name, text in files.items():
+        _write(tmp_path / f"{name}.yaml", text)
+    monkeypatch.setenv("GRPO_PROFILES_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"extends cycle: {cycle} \(no other profile named"):
+        load_profile(start)
+    _write(tmp_path / "local.yaml", "extends: local\ncluster: {time_min: 50}\n")  # the shipped one: no cycle
+    assert load_profile("local").cluster.time_min == 50
