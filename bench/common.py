@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: result records, model-shape dirs, timers,
-memory meters, the recipe config, and stopgaps for hooks grpo_core lacks.
+"""Shared pieces of the benchmarks: result records, model-shape dirs, the
+recipe config, and GSM8K-like response lengths (time, memory and FLOPs
+meters are bench/meters.py).
 
 Every benchmark writes one JSON file per figure (`record`). On CPU
 (`--tiny`) the same code runs on a tiny Qwen2 so that a GPU run is never the
@@ -8,25 +9,21 @@ first run of a script.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
-import gc
 import importlib.metadata
-import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
+
+from bench.meters import GIB
 
 REPO = Path(__file__).resolve().parents[1]
-GIB = 1024**3
-H200_BF16_PEAK_FLOPS = 989e12  # dense bf16, SXM (the issue's MFU denominator)
 REQUIRED_FIELDS = ("metric", "value", "unit", "baseline", "baseline_value", "ratio", "hardware", "date", "command")
 
 # Qwen2.5 shapes (config.json keys). vocab_size stays the real one even though
@@ -295,37 +292,19 @@ def n_params(path: str | Path) -> int:
     return memory.shape_for(str(path)).params()
 
 
-def mfu(tokens_per_s: float, n: int, peak_flops: float = H200_BF16_PEAK_FLOPS) -> float:
-    return tokens_per_s * 6 * n / peak_flops
-
-
 # ---------------------------------------------------------------- the recipe
-def _read_profile(name: str) -> dict[str, Any]:
-    """The profile's raw data with `extends` merged (as jobs.profiles does),
-    read here so that the benchmarks need neither submitit nor mlflow."""
-    from grpo_core.config import read_yaml
+def profile(name: str):
+    """A shipped profile (jobs/cluster_profiles/<name>.yaml) or a profile file, `extends` merged."""
+    from jobs.profiles import load_profile
 
-    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else REPO / "jobs" / "cluster_profiles" / f"{name}.yaml"
-    data = read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent:
-        base = _read_profile(str(path.parent / f"{parent}.yaml") if not str(parent).endswith((".yaml", ".yml")) else parent)
-        data = _merge(base, data)
-    return data
+    return load_profile(name)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def recipe(profile: str, overrides: Sequence[str]):
+def recipe(name: str, overrides: Sequence[str]):
     """The profile's train: part + overrides -> a validated TrainConfig."""
     from grpo_core import config
 
-    train = _read_profile(profile).get("train") or {}
+    train = config.to_dict(profile(name).train)
     return config.validate(config.build(config.TrainConfig, config.apply_overrides(config.TrainConfig, train, list(overrides))))
 
 
@@ -344,317 +323,6 @@ def bench_overrides(*, model_path: Path, tiny: bool, data: str, run_dir: Path) -
     return ov
 
 
-# ---------------------------------------------------------------- stopgaps for grpo_core
-def from_config(config_or_path, *, dtype, device, attn_implementation: str = "sdpa"):
-    """A random-init HF causal LM built directly on `device`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = config_or_path if not isinstance(config_or_path, (str, Path)) else AutoConfig.from_pretrained(str(config_or_path))
-    with torch.device(device):
-        try:
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-        except TypeError:  # transformers < 4.56 spells it torch_dtype
-            return AutoModelForCausalLM.from_config(config, torch_dtype=dtype, attn_implementation=attn_implementation)
-
-
-def policy_supports_dummy() -> bool:
-    from grpo_core.policy import Policy
-
-    return "load_format" in inspect.getsource(Policy.__init__)
-
-
-@contextlib.contextmanager
-def dummy_weights(device) -> Iterable[None]:
-    """Until grpo_core.policy.Policy builds from the config itself for
-    model.load_format=dummy: inside this block from_pretrained(path) becomes
-    from_config(path's config) on `device` (random init, no checkpoint read)."""
-    if policy_supports_dummy():
-        yield
-        return
-    from transformers import AutoModelForCausalLM
-
-    original = AutoModelForCausalLM.__dict__["from_pretrained"]
-
-    def fake(cls, path, *args, dtype=None, torch_dtype=None, attn_implementation="sdpa", **kwargs):
-        return from_config(path, dtype=dtype or torch_dtype, device=device, attn_implementation=attn_implementation)
-
-    AutoModelForCausalLM.from_pretrained = classmethod(fake)
-    try:
-        yield
-    finally:
-        AutoModelForCausalLM.from_pretrained = original
-
-
-def engine_supports_ignore_eos(engine) -> bool:
-    return "ignore_eos" in inspect.signature(type(engine).generate).parameters
-
-
-def engine_generate(engine, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                    max_tokens: int | Sequence[int], seeds: list[int] | None, ignore_eos: bool = False):
-    """RolloutEngine.generate with per-prompt max_tokens and ignore_eos.
-
-    Calls the engine's own generate when it takes them (the proposed
-    grpo_core.rollout patch); until then a line-for-line copy of its body
-    with the two extras, so that dummy-weight rollouts have GSM8K-like
-    lengths."""
-    if engine_supports_ignore_eos(engine):  # the class's method: the instance's may be a benchmark wrapper
-        return type(engine).generate(engine, prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                     seeds=seeds, ignore_eos=ignore_eos)
-    from vllm import SamplingParams
-
-    from grpo_core.engine import Sample
-
-    limits = [int(max_tokens)] * len(prompts) if isinstance(max_tokens, int) else [int(m) for m in max_tokens]
-    params = [
-        SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=limits[i], ignore_eos=ignore_eos,
-                       seed=None if seeds is None else seeds[i], detokenize=True)
-        for i in range(len(prompts))
-    ]
-    outputs = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
-                                  lora_request=engine._lora_request())
-    return [[Sample(tuple(c.token_ids), c.text, c.finish_reason == "length") for c in out.outputs] for out in outputs]
-
-
-# ---------------------------------------------------------------- time and memory
-def cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def reset_peak() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(kind: str = "allocated") -> float:
-    """torch's peak since reset_peak(): 'allocated' (tensors) or 'reserved'
-    (the caching allocator's segments). 0.0 on CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return 0.0
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() if kind == "allocated" else torch.cuda.max_memory_reserved()) / GIB
-
-
-def current_gib(kind: str = "allocated") -> float:
-    import torch
-
-    if not torch.cuda.is_available():
-        return 0.0
-    return (torch.cuda.memory_allocated() if kind == "allocated" else torch.cuda.memory_reserved()) / GIB
-
-
-def free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-class Timer:
-    """with Timer() as t: ...  -> t.s (seconds; CUDA synchronized at both ends)."""
-
-    def __init__(self, synchronize: bool = True) -> None:
-        self.synchronize = synchronize
-        self.s = 0.0
-
-    def __enter__(self) -> "Timer":
-        if self.synchronize:
-            sync()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.synchronize:
-            sync()
-        self.s = time.perf_counter() - self._t0
-
-
-class DeviceMemSampler:
-    """Device-level memory in use (what nvidia-smi shows: torch's segments,
-    the CUDA context, NCCL, cuBLAS workspaces, anything outside torch),
-    polled every `interval` s on a daemon thread; `reset()` starts a new
-    peak. NVML when importable, else cudaMemGetInfo; process RSS on CPU."""
-
-    def __init__(self, interval: float = 0.02, host: bool = False) -> None:
-        import torch
-
-        self.interval = interval
-        self._read: Callable[[], float]
-        self.source = "rss"
-        if host:  # this process's resident host memory, on any machine
-            self._read = host_rss_gib
-        elif torch.cuda.is_available():
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                index = torch.cuda.current_device()
-                visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-                if visible and visible.split(",")[index].strip().isdigit():
-                    index = int(visible.split(",")[index])
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / GIB
-                self.source = "nvml"
-            except Exception:  # noqa: BLE001 - any NVML trouble: fall back
-                def read() -> float:
-                    free, total = torch.cuda.mem_get_info()
-                    return (total - free) / GIB
-
-                self._read = read
-                self.source = "cudaMemGetInfo"
-        else:
-            import psutil
-
-            proc = psutil.Process()
-            self._read = lambda: proc.memory_info().rss / GIB
-        self._peak = self._read()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-mem-sampler")
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._peak = max(self._peak, self._read())
-            except Exception:  # noqa: BLE001 - a sampler must never kill the benchmark
-                pass
-            time.sleep(self.interval)
-
-    def now(self) -> float:
-        return self._read()
-
-    def reset(self) -> None:
-        self._peak = self._read()
-
-    def peak(self) -> float:
-        self._peak = max(self._peak, self._read())
-        return self._peak
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-def _proc_status_gib(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024 / GIB  # kB
-    return 0.0
-
-
-def host_rss_gib() -> float:
-    """Resident host memory of this process (pinned buffers included)."""
-    return _proc_status_gib("VmRSS")
-
-
-def host_hwm_gib() -> float:
-    """The process's lifetime peak of resident host memory (VmHWM)."""
-    return _proc_status_gib("VmHWM")
-
-
-class StagePeaks:
-    """A grpo_step(on_stage=...) callback: per stage, seconds and the peaks
-    of torch allocated/reserved, device memory and host RSS (samplers).
-    `begin(name)` / `end()` meter stages outside the step (a checkpoint)."""
-
-    def __init__(self, device: "DeviceMemSampler", host: "DeviceMemSampler") -> None:
-        self.device, self.host = device, host
-        self.stats: dict[str, dict[str, float]] = {}
-        self._current: str | None = None
-        self._t0 = 0.0
-
-    def __call__(self, name: str) -> None:
-        self.end()
-        if name != "end":
-            self.begin(name)
-
-    def begin(self, name: str) -> None:
-        self.end()
-        reset_peak()
-        self.device.reset()
-        self.host.reset()
-        self._current, self._t0 = name, time.perf_counter()
-
-    def end(self) -> None:
-        if self._current is None:
-            return
-        sync()
-        s = self.stats.setdefault(self._current, {"seconds": 0.0, "calls": 0, "peak_allocated_gib": 0.0,
-                                                  "peak_reserved_gib": 0.0, "peak_device_gib": 0.0,
-                                                  "peak_host_gib": 0.0})
-        s["seconds"] += time.perf_counter() - self._t0
-        s["calls"] += 1
-        s["peak_allocated_gib"] = max(s["peak_allocated_gib"], peak_gib("allocated"))
-        s["peak_reserved_gib"] = max(s["peak_reserved_gib"], peak_gib("reserved"))
-        s["peak_device_gib"] = max(s["peak_device_gib"], self.device.peak())
-        s["peak_host_gib"] = max(s["peak_host_gib"], self.host.peak())
-        self._current = None
-
-
-class StageMeter:
-    """Wraps functions as named stages: seconds, and per-stage peaks of torch
-    allocated / reserved memory and of device memory (DeviceMemSampler).
-    A stage entered several times keeps the sum of times and the max peaks."""
-
-    def __init__(self, sampler: DeviceMemSampler | None) -> None:
-        self.sampler = sampler
-        self.stats: dict[str, dict[str, float]] = {}
-
-    def wrap(self, name: str, fn: Callable) -> Callable:
-        def wrapped(*args, **kwargs):
-            reset_peak()
-            if self.sampler is not None:
-                self.sampler.reset()
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync()
-                s = self.stats.setdefault(name, {"seconds": 0.0, "calls": 0, "peak_allocated_gib": 0.0,
-                                                 "peak_reserved_gib": 0.0, "peak_device_gib": 0.0})
-                s["seconds"] += time.perf_counter() - t0
-                s["calls"] += 1
-                s["peak_allocated_gib"] = max(s["peak_allocated_gib"], peak_gib("allocated"))
-                s["peak_reserved_gib"] = max(s["peak_reserved_gib"], peak_gib("reserved"))
-                if self.sampler is not None:
-                    s["peak_device_gib"] = max(s["peak_device_gib"], self.sampler.peak())
-
-        wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
-        return wrapped
-
-    def clear(self) -> None:
-        self.stats.clear()
-
-
-@contextlib.contextmanager
-def patched(obj, name: str, value) -> Iterable[None]:
-    """Set obj.name = value for the block (a module global, an attribute)."""
-    if not hasattr(obj, name):
-        raise AttributeError(f"{getattr(obj, '__name__', obj)!r} has no attribute {name!r}: grpo_core changed; update bench/")
-    original = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, original)
-
-
 def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     import torch
 
@@ -662,3 +330,37 @@ def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[
     # Skip the first ids (byte tokens / specials) so that no prompt is mostly control tokens.
     low = min(260, max(0, vocab - 2))
     return torch.randint(low, vocab, (count, length), generator=g).tolist()
+
+
+class ShapedLengths:
+    """The trainer's engine (a grpo_core.engine.Engine) with GSM8K-like
+    response lengths: dummy weights never emit EOS, so each prompt gets
+    max_tokens drawn from normal(mean, sd), rounded and clipped to [lo,
+    min(hi, max_tokens)] (and to `cap` when set), and ignore_eos. The draw is
+    seeded by the prompt's rollout seed: a replayed step draws the same
+    lengths. Set as Trainer.engine for the steps it shapes; everything but
+    generate goes to the engine. `last` is the last call's (prompts, samples)."""
+
+    def __init__(self, engine, mean: float, sd: float, lo: int, hi: int, seed: int) -> None:
+        self.engine, self.mean, self.sd, self.lo, self.hi, self.seed = engine, mean, sd, lo, hi, seed
+        self.cap: int | None = None
+        self.limits: list[int] = []
+        self.last: tuple[list[list[int]], list] = ([], [])
+
+    def generate(self, prompts, *, n, temperature, top_p, max_tokens, seeds, ignore_eos=False):
+        import numpy as np
+
+        top = min(self.hi, max_tokens, self.cap or max_tokens)
+        draw = lambda s: np.random.default_rng([self.seed, s]).normal(self.mean, self.sd)  # noqa: E731
+        self.limits = [int(np.clip(np.rint(draw(s)), min(self.lo, top), top))
+                       for s in (seeds if seeds is not None else range(len(prompts)))]
+        samples = self.engine.generate(prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=self.limits,
+                                       seeds=seeds, ignore_eos=True)
+        self.last = (prompts, samples)
+        return samples
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def describe(self) -> str:
+        return f"normal({self.mean}, {self.sd}) clipped to [{self.lo}, {self.hi}]"

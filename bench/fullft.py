@@ -9,8 +9,8 @@ fp32 master weights, bf16 compute, FSDP2 parameter and optimizer offload
 (sleep level 2 in the update, the full weights synced every step). Then:
 
 1. step 1, a checkpoint (grpo_core.train.save), step 2: seconds per stage
-   (grpo_step's own metrics), device and host peaks per stage (grpo_step's
-   on_stage callback + NVML / RSS samplers), tokens/s/GPU, sync seconds, and
+   (grpo_step's own metrics), device and host peaks per stage (a listener
+   on grpo_step's stage hook + NVML / RSS samplers), tokens/s/GPU, sync seconds, and
    the planner's prediction beside each peak;
 2. the 48-layer, 4-GPU prediction from those figures and the planner
    (records fullft_48l_4gpu_predicted_* and fullft_48l_4gpu_prediction.md);
@@ -19,8 +19,9 @@ fp32 master weights, bf16 compute, FSDP2 parameter and optimizer offload
    uninterrupted step 2's (rollout seeds are per step: the same tokens).
 
 Dummy weights never emit EOS: each prompt's response length is drawn as in
-bench/grpo_step.py (normal(250, 70) clipped to [150, 400], ignore_eos), from
-a generator seeded by the step, so the replayed step draws the same lengths.
+bench/grpo_step.py (common.ShapedLengths: normal(250, 70) clipped to [150,
+400], ignore_eos), seeded by the prompt's rollout seed, so the replayed step
+draws the same lengths.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import time
 import types
 from pathlib import Path
 
-from bench import common
+from bench import common, meters
+from grpo_core.stages import STAGES
 
 # Depth: the host (128 GiB on the H200 machine) holds all the offloaded state, so the
 # layer count is set by the planner's host model (grpo_core.memory, one rank):
@@ -46,7 +48,6 @@ from bench import common
 # 6 keeps even the checkpoint under ~95 GiB (room for vLLM's and CUDA's own host memory) and
 # its 36 GiB file within the machine's 64 GiB disk.
 DEFAULT_LAYERS = 6
-STAGES = ("rollout", "reference", "update", "sync")
 PLANNER_STAGES = {"rollout": ("rollout",), "reference": ("reference logprobs",),
                   "update": ("update", "update (end of backward)", "optimizer step"), "sync": ("sync",)}
 RECIPE_PROMPTS, RECIPE_GPUS, RECIPE_GPU_GIB = 1024, 4, 80.0  # h800x4: 1024 prompts x n per step on 4 x 80 GiB
@@ -78,7 +79,7 @@ def build_config(args, data: str, run_dir: Path):
     import torch
 
     path = common.shape_dir(args, "tiny" if args.tiny else "14b", data, layers=args.layers)
-    total = torch.cuda.get_device_properties(0).total_memory / common.GIB if torch.cuda.is_available() else RECIPE_GPU_GIB
+    total = torch.cuda.get_device_properties(0).total_memory / meters.GIB if torch.cuda.is_available() else RECIPE_GPU_GIB
     prof = common.recipe(args.profile, [f"model.path={path}"])
     util = args.gpu_mem_util if args.gpu_mem_util is not None else min(0.9, prof.rollout.gpu_memory_utilization
                                                                         * RECIPE_GPU_GIB / total)
@@ -98,23 +99,6 @@ def build_config(args, data: str, run_dir: Path):
     if args.enforce_eager:
         ov.append("rollout.enforce_eager=true")
     return common.recipe(args.profile, ov + args.set), total
-
-
-def lengths_wrapper(engine, args):
-    """engine.generate with GSM8K-like response lengths (dummy weights never stop), drawn per step."""
-    import numpy as np
-
-    state = {"step": 0, "limits": [], "prompt_lens": []}
-
-    def generate(prompts, *, n, temperature, top_p, max_tokens, seeds):
-        rng = np.random.default_rng([args.seed, state["step"]])
-        limits = np.clip(np.rint(rng.normal(args.len_mean, args.len_sd, len(prompts))), args.len_min,
-                         min(args.len_max, max_tokens)).astype(int).tolist()
-        state["limits"], state["prompt_lens"] = limits, [len(p) for p in prompts]
-        return type(engine).generate(engine, prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=limits,
-                                     seeds=seeds, ignore_eos=True)
-
-    return generate, state
 
 
 def planner(cfg, total_gib: float, gpus: int = 1, gpus_per_node: int = 0, host_mem_gib: float = 0.0):
@@ -160,15 +144,14 @@ def objective(m: dict, cfg) -> float:
     return m["policy_loss"] + a.kl_coef * m.get("kl", 0.0) - a.entropy_coef * m.get("entropy", 0.0)
 
 
-def run_step(tr, meter, wrap_state, step: int) -> dict:
+def run_step(tr, meter, step: int) -> dict:
     import grpo_core.train as T
 
     tr.state.step = step
-    wrap_state["step"] = step
     meter.stats.clear()
     metrics = T.grpo_step(tr, on_stage=meter)
     return {"metrics": metrics, "stages": {k: dict(v) for k, v in meter.stats.items()},
-            "max_tokens": list(wrap_state["limits"]), "prompt_lens": list(wrap_state["prompt_lens"])}
+            "max_tokens": list(tr.engine.limits), "prompt_lens": [len(p) for p in tr.engine.last[0]]}
 
 
 def main(argv=None) -> int:
@@ -207,29 +190,28 @@ def _run(args, out: Path, data: str, run_dir: Path, t_start: float) -> int:
     print(f"[bench] fullft: {cfg.model.path} ({plan.params / 1e9:.2f}B params), planner peak {plan.peak_gib:.1f} GiB "
           f"at {plan.peak_stage.name}, host {plan.host_peak_gib:.1f} GiB (+{plan.checkpoint_host_gib:.1f} checkpoint)",
           flush=True)
-    device_s, host_s = common.DeviceMemSampler(), common.DeviceMemSampler(host=True)
-    meter = common.StagePeaks(device_s, host_s)
+    device_s, host_s = meters.DeviceMemSampler(), meters.DeviceMemSampler(host=True)
+    meter = meters.StageMemory(device_s, host_s)
     meter.begin("build")
     t0 = time.perf_counter()
-    with common.dummy_weights("cpu" if args.tiny else "cuda"):
-        tr = T.build_trainer(cfg)
+    tr = T.build_trainer(cfg)
     T.resume_or_start(tr)  # a fresh run dir: seeds only (full FT syncs from a checkpoint, not at start)
     meter.end()
     build = dict(meter.stats["build"], seconds=time.perf_counter() - t0)
-    generate, wrap_state = lengths_wrapper(tr.engine, args)
-    tr.engine.generate = generate
+    engine = tr.engine
+    tr.engine = common.ShapedLengths(engine, args.len_mean, args.len_sd, args.len_min, args.len_max, args.seed)
     steps, failures = {}, 0
     try:
-        steps[1] = run_step(tr, meter, wrap_state, 1)
+        steps[1] = run_step(tr, meter, 1)
         ckpt = {}
         if not args.no_resume:
             meter.stats.clear()
             ckpt["fingerprint_saved"] = fingerprint(tr)
             meter.begin("checkpoint_save")
-            T.save(tr, types.SimpleNamespace(run_id=None))  # save() reads only the tracker's run id
+            seconds = T.save(tr, types.SimpleNamespace(run_id=None))  # save() reads only the tracker's run id
             meter.end()
-            ckpt["save"] = dict(meter.stats["checkpoint_save"])
-        steps[2] = run_step(tr, meter, wrap_state, 2)
+            ckpt["save"] = dict(meter.stats["checkpoint_save"], seconds=seconds)
+        steps[2] = run_step(tr, meter, 2)
         if not args.no_resume:
             steps[2]["fingerprint"] = fingerprint(tr)
         setting = _setting(args, cfg, data, tr, steps, build, ckpt)
@@ -238,24 +220,27 @@ def _run(args, out: Path, data: str, run_dir: Path, t_start: float) -> int:
         if not args.no_resume:
             meter.stats.clear()
             meter.begin("checkpoint_load")
+            t0 = time.perf_counter()
             latest = T.resume_or_start(tr)  # the trainer's own resume: state, optimizer, scheduler, sampler, RNG, sync
+            seconds = time.perf_counter() - t0
             meter.end()
-            ckpt["load"] = dict(meter.stats["checkpoint_load"], checkpoint=str(latest), step_after_load=tr.state.step)
+            ckpt["load"] = dict(meter.stats["checkpoint_load"], seconds=seconds, checkpoint=str(latest),
+                                step_after_load=tr.state.step)
             ckpt["fingerprint_before_load"] = steps[2]["fingerprint"]
             ckpt["fingerprint_loaded"] = fingerprint(tr)
-            replay = run_step(tr, meter, wrap_state, tr.state.step + 1)
+            replay = run_step(tr, meter, tr.state.step + 1)
             failures += _resume_record(args, out, cfg, steps[2], replay, ckpt, plan)
     finally:
-        tr.engine.__dict__.pop("generate", None)
+        tr.engine = engine
         device_s.stop()
         host_s.stop()
         try:
-            tr.engine.close()
+            engine.close()
         except Exception:  # noqa: BLE001
             pass
         distributed.shutdown()
     print(f"[bench] fullft done in {time.perf_counter() - t_start:.1f}s "
-          f"(host high-water mark {common.host_hwm_gib():.1f} GiB)", flush=True)
+          f"(host high-water mark {meters.host_hwm_gib():.1f} GiB)", flush=True)
     return 1 if failures else 0
 
 
@@ -273,13 +258,13 @@ def _setting(args, cfg, data, tr, steps, build, ckpt) -> dict:
         "optimizer_offload": cfg.trainer.optimizer_offload, "kl_coef": cfg.algorithm.kl_coef,
         "sleep_level": cfg.rollout.sleep_level, "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
         "enforce_eager": cfg.rollout.enforce_eager, "gradient_checkpointing": cfg.model.gradient_checkpointing,
-        "response_length": {"dist": f"normal({args.len_mean}, {args.len_sd}) clipped to [{args.len_min}, {args.len_max}]",
+        "response_length": {"dist": tr.engine.describe(),
                             "mean": float(np.mean(lengths)), "max": int(max(lengths))},
         "prompt_length": {"mean": float(np.mean(plens)), "max": int(max(plens))},
         "data": data or "synthetic", "build": build, "checkpoint": ckpt,
         "steps": {k: {"metrics": v["metrics"], "stages": v["stages"]} for k, v in steps.items()},
         "measured": "step 2 (step 1 is the first: allocations, autotuning)",
-        "host_hwm_gib": common.host_hwm_gib(),
+        "host_hwm_gib": meters.host_hwm_gib(),
     }
 
 
@@ -321,7 +306,7 @@ def _records(args, out, cfg, total, plan, step, setting, ckpt) -> None:
                   target={"op": "abs<=", "value": 0.10}, per_stage=stages)
     common.record("fullft_host_peak_gib", host_peak, "GiB", "planner's host peak per rank (steps, no checkpoint)",
                   plan.host_peak_gib, out, higher_is_better=False, rel_error=rel(plan.host_peak_gib, host_peak),
-                  per_stage=stages, host_hwm_gib=common.host_hwm_gib())
+                  per_stage=stages, host_hwm_gib=meters.host_hwm_gib())
     common.record("fullft_host_planner_error", rel(plan.host_peak_gib, host_peak), "fraction",
                   "target (issue 15): |error| <= 0.10", 0.10, out, higher_is_better=False,
                   predicted_gib=plan.host_peak_gib, measured_gib=host_peak, target={"op": "abs<=", "value": 0.10})
@@ -341,8 +326,7 @@ def _extrapolate(args, out, cfg, total, plan, step, stages) -> None:
     """The 48-layer model on 4 x 80 GiB, one engine per GPU, from the planner and the measured step."""
     from grpo_core import memory
 
-    prof = common._read_profile(args.profile)
-    mem = _slurm_gib(str((prof.get("cluster") or {}).get("mem", "")))
+    mem = _slurm_gib(str(common.profile(args.profile).cluster.mem or ""))
     full = common.recipe(args.profile, ["model.path=Qwen/Qwen2.5-14B-Instruct", "trainer.device=cuda",
                                         "rollout.tensor_parallel_size=1"])
     q14 = memory.KNOWN_SHAPES["Qwen2.5-14B"]

@@ -2,30 +2,32 @@
 on one GPU: seconds per stage, tokens/s/GPU over the step, peak GiB per stage,
 and the memory planner's prediction for the same colocated step.
 
-    python -m bench.grpo_step [--tiny] --data ../shared/data/gsm8k/train.jsonl [--grpo-steps 1]
+    python -m bench.suite --only grpo_step [--tiny] --data ../shared/data/gsm8k/train.jsonl [--grpo-steps 1]
 
 grpo_core.train.grpo_step runs unchanged on the trainer from build_trainer
-(dummy weights). Dummy weights never emit EOS, so each prompt's response
-length is drawn to look like GSM8K (normal mean 250, sd 70, clipped to
-[150, 400]) and generated with ignore_eos. Stages are measured by wrapping
-the functions grpo_step calls (engine.generate, batched_logprobs,
-train_step, WeightSync.push): torch's peak allocated/reserved and the device's
-peak (NVML) per stage; seconds come from grpo_step's own metrics. A short
-warm-up step (few prompts, 16 tokens) runs first. The recipe's offload
-flags are off: on one H200 nothing needs to leave the GPU (--set to change).
+(dummy weights). Dummy weights never emit EOS, so the trainer's engine is
+wrapped (common.ShapedLengths): each prompt's response length is drawn to
+look like GSM8K (normal mean 250, sd 70, clipped to [150, 400]) and
+generated with ignore_eos. Seconds per stage are the trainer's own metrics;
+memory peaks per stage (torch allocated/reserved, the device's through
+NVML) come from a listener on grpo_step's stage hook (meters.StageMemory).
+From the step's batch: the update's padding fraction and its MFU (FLOPs as
+meters.update_flops counts them). A short warm-up step (few prompts, 16
+tokens) runs first. The recipe's offload flags are off: on one H200 nothing
+needs to leave the GPU (--set to change).
 """
 from __future__ import annotations
 
 import copy
-import sys
 
-from bench import common
+from bench import common, meters
+from grpo_core.stages import STAGES
 
-STAGES = ("rollout", "reference", "update", "sync")
 METRICS = ([("grpo_step_tokens_per_s_per_gpu", "tokens/s"), ("grpo_step_time_step_s", "s")]
-           + [(f"grpo_step_time_{s}_s", "s") for s in STAGES + ("idle",)]
+           + [(f"grpo_step_time_{s}_s", "s") for s in (*STAGES, "idle")]
            + [("grpo_step_peak_gib", "GiB")] + [(f"grpo_step_peak_gib_{s}", "GiB") for s in STAGES]
-           + [("planner_grpo_step_colocated", "GiB")])
+           + [("grpo_step_update_padding_fraction", "fraction"), ("grpo_step_lora_update_mfu", "fraction"),
+              ("planner_grpo_step_colocated", "GiB")])
 PLANNER_STAGE = {"rollout": "rollout", "reference logprobs": "reference", "update": "update",
                  "update (end of backward)": "update", "optimizer step": "update", "sync": "sync"}
 
@@ -41,7 +43,7 @@ def add_args(p) -> None:
     g.add_argument("--mem-target", type=float, default=80.0, help="GiB the step should fit in (the issue: 80)")
     g.add_argument("--grpo-variant", action="append", default=[], metavar="TAG:KEY=VALUE[,KEY=VALUE]",
                    help="after the recipe's steps, the same trainer with these overrides (model.gradient_checkpointing, "
-                        "model.recompute_layers, trainer.*, algorithm.*), recorded with _TAG appended to every metric (repeatable)")
+                        "trainer.*, algorithm.*), recorded with _TAG appended to every metric (repeatable)")
 
 
 def run(ctx) -> None:
@@ -51,13 +53,13 @@ def run(ctx) -> None:
         saved = (ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX)
         try:
             ctx.cfg = ctx.tr.cfg = _apply(ctx.cfg, [o for o in overrides.split(",") if o])
-            _set_recompute(ctx.tr.policy, ctx.cfg.model)
+            _set_checkpointing(ctx.tr.policy, ctx.cfg.model.gradient_checkpointing)
             common.METRIC_SUFFIX = f"{saved[2]}_{tag}"
             print(f"[bench] ---- grpo_step variant {tag}: {overrides}", flush=True)
             measure(ctx)
         finally:
             ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX = saved
-            _set_recompute(ctx.tr.policy, ctx.cfg.model)
+            _set_checkpointing(ctx.tr.policy, ctx.cfg.model.gradient_checkpointing)
 
 
 def _apply(cfg, overrides):
@@ -67,16 +69,16 @@ def _apply(cfg, overrides):
     return config.validate(config.build(config.TrainConfig, data))
 
 
-def _set_recompute(policy, model_cfg) -> None:
-    """A variant's model.gradient_checkpointing / model.recompute_layers on the built policy."""
-    from grpo_core.policy import _decoder_layers, set_recompute
-
-    set_recompute(policy.model, model_cfg.recomputed(len(_decoder_layers(policy.model))))
+def _set_checkpointing(policy, on: bool) -> None:
+    model = policy.model  # peft passes these through to the HF model
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def measure(ctx) -> None:
     import numpy as np
-    import torch
 
     import grpo_core.train as T
     from grpo_core.data import PromptSampler
@@ -89,43 +91,31 @@ def measure(ctx) -> None:
     lo = args.len_min if args.len_min is not None else (6 if args.tiny else 150)
     hi = args.len_max if args.len_max is not None else (20 if args.tiny else 400)
     warm_prompts = args.grpo_warmup_prompts if args.grpo_warmup_prompts is not None else (1 if args.tiny else 2)
-    rng = np.random.default_rng(args.seed)
     eng = tr.engine
-    seen = {"warm": False, "limits": [], "prompt_lens": []}
-
-    def generate(prompts, *, n, temperature, top_p, max_tokens, seeds):
-        if seen["warm"]:
-            limits = [min(16, max_tokens)] * len(prompts)
-        else:
-            limits = np.clip(np.rint(rng.normal(mean, sd, len(prompts))), lo, min(hi, max_tokens)).astype(int).tolist()
-        seen["limits"], seen["prompt_lens"] = limits, [len(p) for p in prompts]
-        return common.engine_generate(eng, prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=limits,
-                                      seeds=seeds, ignore_eos=True)
-
-    meter = common.StageMeter(ctx.sampler)
-    eng.generate = meter.wrap("rollout", generate)
+    shaped = common.ShapedLengths(eng, mean, sd, lo, hi, args.seed)
+    meter = meters.StageMemory(ctx.sampler)
     steps = []
+    tr.engine = shaped
     try:
-        with common.patched(T, "batched_logprobs", meter.wrap("reference", T.batched_logprobs)), \
-                common.patched(T, "train_step", meter.wrap("update", T.train_step)), \
-                common.patched(tr.sync, "push", meter.wrap("sync", tr.sync.push)):
-            if warm_prompts > 0:
-                real_sampler = tr.sampler
-                tr.sampler = PromptSampler(len(tr.prompts.train), warm_prompts, cfg.trainer.seed + 1)
-                seen["warm"] = True
-                tr.state.step += 1
-                T.grpo_step(tr)
-                tr.sampler, seen["warm"] = real_sampler, False
-            for _ in range(args.grpo_steps):
-                meter.clear()  # the allocator's cache stays, as between a run's steps
-                ctx.sampler.reset()
-                tr.state.step += 1
-                metrics = T.grpo_step(tr)
-                stage_peak = max([v["peak_device_gib"] for v in meter.stats.values()] + [ctx.sampler.peak()])
-                steps.append({"metrics": metrics, "stages": copy.deepcopy(meter.stats), "step_device_peak_gib": stage_peak,
-                              "max_tokens": list(seen["limits"]), "prompt_lens": list(seen["prompt_lens"])})
+        if warm_prompts > 0:  # a short step first: kernels, allocator, AdamW state
+            real_sampler, tr.sampler = tr.sampler, PromptSampler(len(tr.prompts.train), warm_prompts, cfg.trainer.seed + 1)
+            shaped.cap = 16
+            tr.state.step += 1
+            T.grpo_step(tr)
+            tr.sampler, shaped.cap = real_sampler, None
+        for _ in range(args.grpo_steps):
+            meter.stats.clear()  # the allocator's cache stays, as between a run's steps
+            ctx.sampler.reset()
+            tr.state.step += 1
+            metrics = T.grpo_step(tr, on_stage=meter)
+            stage_peak = max([v["peak_device_gib"] for v in meter.stats.values()] + [ctx.sampler.peak()])
+            batch = rollout_batch(*shaped.last, tr.tokenizer.pad_token_id)
+            steps.append({"metrics": metrics, "stages": copy.deepcopy(meter.stats), "step_device_peak_gib": stage_peak,
+                          "max_tokens": list(shaped.limits), "prompt_lens": [len(p) for p in shaped.last[0]],
+                          "padding": update_padding(batch, cfg), "padding_unsorted": update_padding(batch, cfg, False),
+                          "update_tokens": int(batch.attention_mask.sum()) * cfg.trainer.ppo_epochs})
     finally:
-        eng.__dict__.pop("generate", None)
+        tr.engine = eng
 
     avg = lambda key: float(np.mean([s["metrics"][key] for s in steps]))  # noqa: E731
     times = {k: avg(f"time_{k}") for k in STAGES}
@@ -142,21 +132,16 @@ def measure(ctx) -> None:
         "profile": args.profile, "overrides": args.set, "prompts_per_step": cfg.trainer.prompts_per_step,
         "n": cfg.rollout.n, "sequences_per_step": cfg.trainer.prompts_per_step * cfg.rollout.n,
         "micro_batch_size": cfg.trainer.micro_batch_size, "mini_batch_prompts": cfg.trainer.mini_batch_prompts,
-        "logprob_micro_batch_size": cfg.trainer.logprob_micro, "micro_batch_tokens": cfg.trainer.micro_batch_tokens,
-        "logprob_micro_batch_tokens": cfg.trainer.logprob_micro_batch_tokens,
-        "pack_sequences": cfg.trainer.pack_sequences, "attn_implementation": cfg.model.attn_implementation,
+        "logprob_micro_batch_size": cfg.trainer.logprob_micro, "pack_sequences": cfg.trainer.pack_sequences,
         "lora_rank": cfg.model.lora_rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
-        "recompute_layers": cfg.model.recompute_layers,
         "kl_coef": cfg.algorithm.kl_coef, "entropy_coef": cfg.algorithm.entropy_coef,
         "param_offload": cfg.trainer.param_offload, "optimizer_offload": cfg.trainer.optimizer_offload,
-        "response_length": {"dist": f"normal({mean}, {sd}) clipped to [{lo}, {hi}]", "mean": float(np.mean(lengths)),
+        "response_length": {"dist": shaped.describe(), "mean": float(np.mean(lengths)),
                             "min": int(min(lengths)), "max": int(max(lengths))},
         "prompt_length": {"mean": float(np.mean(plens)), "max": int(max(plens))},
         "tokens_per_step": tokens, "measured_steps": len(steps), "warmup_prompts": warm_prompts,
         "data": ctx.data or "synthetic", "engine": ctx.engine_info(),
         "metrics": [{k: v for k, v in s["metrics"].items()} for s in steps],
-        "ours_generate": "RolloutEngine.generate" if common.engine_supports_ignore_eos(eng) else
-                         "bench mirror of RolloutEngine.generate (+ per-prompt max_tokens, ignore_eos)",
     }
     out = ctx.out
     common.record("grpo_step_tokens_per_s_per_gpu", tps, "tokens/s", "target (issue): 2,000 tokens/s/GPU, not measured",
@@ -165,7 +150,8 @@ def measure(ctx) -> None:
                   tokens / 2000.0, out, higher_is_better=False, times_s=times, setting=setting)
     for name, secs in times.items():
         common.record(f"grpo_step_time_{name}_s", secs, "s", "whole step (ratio = share of the step)", step_s, out,
-                      higher_is_better=False, peaks=peaks.get(name))
+                      higher_is_better=False, peaks=peaks.get(name),
+                      note="the trainer's own stage seconds (grpo_core.stages; idle: what no stage covers)")
     common.record("grpo_step_peak_gib", step_peak, "GiB", f"{args.mem_target:g} GiB (target: fits an 80 GiB GPU)",
                   args.mem_target, out, higher_is_better=False, source=ctx.sampler.source, per_stage=peaks,
                   setting=setting)
@@ -173,7 +159,64 @@ def measure(ctx) -> None:
         common.record(f"grpo_step_peak_gib_{name}", peaks[name]["peak_device_gib"], "GiB",
                       f"{args.mem_target:g} GiB (target)", args.mem_target, out, higher_is_better=False,
                       source=ctx.sampler.source, torch_peaks=peaks[name])
+    _update_records(ctx, steps, avg("time_update"), setting)
     _planner(ctx, cfg, peaks, step_peak, max(plens), max(lengths))
+
+
+def rollout_batch(prompts, samples, pad_id: int):
+    """The step's RolloutBatch as grpo_step packs it (rows: each prompt's samples in turn)."""
+    import torch
+
+    from grpo_core.batch import pack
+
+    rows = [(p, list(s.token_ids)) for p, group in zip(prompts, samples) for s in group]
+    return pack([p for p, _ in rows], [r for _, r in rows], torch.zeros(len(rows)), pad_id)
+
+
+def update_padding(batch, cfg, longest_first: bool = True) -> tuple[int, int]:
+    """(padding slots, all token slots) of train_step's micro-batches over
+    `batch`: mini-batches of consecutive rows, each sorted longest first
+    (grpo_core.train.by_length; longest_first=False: in rollout order) and cut
+    into micro-batches trimmed to their longest row. Packed rows
+    (trainer.pack_sequences) run back to back: no padding."""
+    from grpo_core.train import by_length
+
+    t = cfg.trainer
+    real = batch.attention_mask.sum(dim=1).tolist()
+    per_mini = len(batch) * t.mini_batch_prompts // t.prompts_per_step
+    padding = slots = 0
+    for start in range(0, len(batch), per_mini):
+        rows = list(range(start, start + per_mini))
+        rows = by_length(batch, rows) if longest_first else rows
+        for m in range(0, len(rows), t.micro_batch_size):
+            lens = [real[r] for r in rows[m : m + t.micro_batch_size]]
+            width = sum(lens) if t.pack_sequences else len(lens) * max(lens)
+            padding, slots = padding + width - sum(lens), slots + width
+    return padding * t.ppo_epochs, slots * t.ppo_epochs
+
+
+def _update_records(ctx, steps, time_update: float, setting: dict) -> None:
+    """The update stage: its padding fraction and its MFU (meters.update_flops)."""
+    import numpy as np
+
+    cfg, policy = ctx.cfg, ctx.tr.policy
+    pad, slots = (sum(s["padding"][i] for s in steps) for i in (0, 1))
+    pad_u, slots_u = (sum(s["padding_unsorted"][i] for s in steps) for i in (0, 1))
+    common.record("grpo_step_update_padding_fraction", pad / slots, "fraction",
+                  "the same micro-batches with rows in rollout order (no longest-first sort)", pad_u / slots_u, ctx.out,
+                  higher_is_better=False, padding_slots=pad, token_slots=slots,
+                  how="padding slots / all token slots of the update's micro-batches (each trimmed to its longest "
+                      "row), over the measured steps' batches", pack_sequences=cfg.trainer.pack_sequences)
+    n, n_lora = common.n_params(cfg.model.path), sum(p.numel() for p in policy.trainable_parameters())
+    flops, how = meters.update_flops(n, n_lora, lora=policy.is_lora, recompute=cfg.model.gradient_checkpointing)
+    tokens = float(np.mean([s["update_tokens"] for s in steps]))
+    tps = tokens / time_update
+    common.record("grpo_step_lora_update_mfu", meters.mfu(tps, flops), "fraction",
+                  "target (issue): MFU 0.45", 0.45, ctx.out, target={"op": ">=", "value": 0.45},
+                  flops_per_token=flops, flops_counted=how, peak_flops=meters.H200_BF16_PEAK_FLOPS,
+                  update_tokens_per_s=tps, update_tokens=tokens, time_update_s=time_update,
+                  note="real (unpadded) tokens x ppo_epochs over the update stage's seconds; padding slots are "
+                       "computed but not counted", setting=setting)
 
 
 def _planner(ctx, cfg, peaks, step_peak, prompt_max, response_max) -> None:
@@ -182,7 +225,7 @@ def _planner(ctx, cfg, peaks, step_peak, prompt_max, response_max) -> None:
 
     from grpo_core import memory
 
-    total = torch.cuda.get_device_properties(0).total_memory / common.GIB if torch.cuda.is_available() else 80.0
+    total = torch.cuda.get_device_properties(0).total_memory / meters.GIB if torch.cuda.is_available() else 80.0
     shape = memory.shape_for(cfg.model.path)
     plan = memory.plan(shape, cfg, 1, total, name="grpo_step")
     observed = memory._with(memory._with(cfg, "data.max_prompt_tokens", prompt_max), "rollout.max_tokens", response_max)
@@ -200,13 +243,3 @@ def _planner(ctx, cfg, peaks, step_peak, prompt_max, response_max) -> None:
                   note=("the planner sizes every micro-batch at max_prompt_tokens + rollout.max_tokens; the step's "
                         f"longest prompt was {prompt_max} and longest response {response_max} tokens"),
                   plan_fits=plan.fits, plan_problems=plan.problems, plan_suggestions=plan.suggestions, stages=stages)
-
-
-def main(argv=None) -> int:
-    from bench import suite
-
-    return suite.main(["--only", "grpo_step"] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,11 +14,12 @@ have), the planner's worst case.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from bench import common
+from bench import common, meters
 
 TRAINER_EXCLUDE = ("CUDA context", "NCCL", "vLLM", "allocator fragmentation")
 # name -> (shape, shape when --tiny, LoRA?, micro-batch)
@@ -85,8 +86,7 @@ class Holder:
 
         if key != self.key:
             self.drop()
-            with common.dummy_weights(info.device):
-                self.policy = Policy(cfg.model.path, cfg.model, cfg.trainer, info)
+            self.policy = Policy(cfg.model.path, cfg.model, cfg.trainer, info)
             o = cfg.optim
             self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                                eps=o.eps, weight_decay=o.weight_decay)
@@ -97,7 +97,7 @@ class Holder:
     def drop(self) -> None:
         self.policy = self.optimizer = self.scheduler = None
         self.key = None
-        common.free_memory()
+        meters.free_memory()
 
 
 def measure(cfg, info, holder: Holder, key, sampler, micro_batches: int, seed: int) -> dict:
@@ -111,26 +111,24 @@ def measure(cfg, info, holder: Holder, key, sampler, micro_batches: int, seed: i
     # Warm-up (not measured): kernels, and AdamW's state, which then lives in every stage as the planner assumes.
     warm = make_batch(micro, min(seq, 64), min(seq, 64) // 2, vocab, seed + 1)
     train_step(policy, optimizer, scheduler, warm, cfg)
-    common.free_memory()
-    state = {"allocated_gib": common.current_gib("allocated"), "reserved_gib": common.current_gib("reserved"),
+    meters.free_memory()
+    state = {"allocated_gib": meters.current_gib("allocated"), "reserved_gib": meters.current_gib("reserved"),
              "device_gib": sampler.now()}
     batch = make_batch(micro * micro_batches, seq, cfg.data.max_prompt_tokens, vocab, seed)
-    meter = common.StageMeter(sampler)
-    lp = meter.wrap("reference", batched_logprobs)(policy, batch, micro, cfg.rollout.temperature, reference=True)
-    batch.ref_logprobs = lp
-    meter.wrap("update", train_step)(policy, optimizer, scheduler, batch, cfg)
-
-    def sync_stage():
-        if policy.is_lora:
-            with tempfile.TemporaryDirectory(prefix="bench-adapter-") as d:
-                WeightSync(policy, Path(d)).save_adapter(Path(d))
-        else:  # what WeightSync.push feeds vLLM, one gathered tensor at a time
-            import torch
-
-            for _name, tensor in WeightSync(policy, Path()).full_weights(torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16):
-                del tensor
-
-    meter.wrap("sync", sync_stage)()
+    meter = meters.StageMemory(sampler)
+    meter.begin("reference")
+    batch.ref_logprobs = batched_logprobs(policy, batch, micro, cfg.rollout.temperature, reference=True)
+    meter.begin("update")
+    train_step(policy, optimizer, scheduler, batch, cfg)
+    meter.begin("sync")
+    sync = WeightSync(policy, Path(tempfile.mkdtemp(prefix="bench-adapter-")))
+    if policy.is_lora:
+        sync.save_adapter(sync.adapter_dir)
+    else:  # what WeightSync.push feeds vLLM, one gathered tensor at a time
+        for _name, tensor in sync.full_weights(sync.dtype):
+            del tensor
+    meter.end()
+    shutil.rmtree(sync.adapter_dir, ignore_errors=True)
     return {"state": state, "stages": meter.stats, "seq": seq, "rows": len(batch)}
 
 
@@ -164,8 +162,8 @@ def main(argv=None) -> int:
             cfg = common.recipe(args.profile, ov + args.set)
             if info is None:
                 info = distributed.init_distributed(cfg.trainer.device)
-                sampler = common.DeviceMemSampler()
-            total = torch.cuda.get_device_properties(0).total_memory / common.GIB if torch.cuda.is_available() else 80.0
+                sampler = meters.DeviceMemSampler()
+            total = torch.cuda.get_device_properties(0).total_memory / meters.GIB if torch.cuda.is_available() else 80.0
             pred = predicted(cfg, name, total)
             meas = measure(cfg, info, holder, (shape, cfg.model.lora_rank), sampler, args.micro_batches, args.seed)
             stages, worst_pred, worst_meas = {}, 0.0, 0.0

@@ -1,11 +1,11 @@
 """The trainer's rollout stage against raw vLLM on the same batch and engine.
 
-    python -m bench.rollout [--tiny] [--rollout-prompts 64 --rollout-n 5 --rollout-prompt-tokens 256 --rollout-max-tokens 256]
+    python -m bench.suite --only rollout [--tiny] [--rollout-prompts 64 --rollout-n 5 --rollout-prompt-tokens 256 --rollout-max-tokens 256]
 
 Ours: what grpo_core.train.grpo_step does (engine.wake_up, RolloutEngine.
 generate with per-prompt seeds, engine.sleep). Baseline: LLM.generate on the
 same LLM object with one SamplingParams(n, max_tokens, ignore_eos=True) and
-the same LoRA adapter, so the difference is the trainer's own overhead. The
+the same LoRA request, so the difference is the trainer's own overhead. The
 prefix cache is reset before every timed run. Dummy weights give a near
 uniform next-token distribution, so EOS (1 in 152064) is all but never
 sampled even where ignore_eos is not passed; tokens/s counts the tokens
@@ -14,9 +14,8 @@ actually generated.
 from __future__ import annotations
 
 import statistics
-import sys
 
-from bench import common
+from bench import common, meters
 
 METRICS = [("rollout_tokens_per_s", "tokens/s")]
 ISSUE_REFERENCE = {"raw_vllm_tok_s": "11.5k-13.3k (256x5x512, default engine)", "raw_vllm_lora_r32_tok_s": 9300}
@@ -34,7 +33,6 @@ def add_args(p) -> None:
 def run(ctx) -> None:
     from vllm import SamplingParams
 
-    from bench.sync import plain
     from grpo_core.train import rollout_seeds
 
     args, tr, cfg = ctx.args, ctx.tr, ctx.cfg
@@ -44,15 +42,13 @@ def run(ctx) -> None:
     gen = args.rollout_max_tokens or (16 if args.tiny else 256)
     n = args.rollout_n or (2 if args.tiny else 5)
     prompts = common.random_prompts(count, plen, len(tr.tokenizer), args.seed)
-    native_ignore = common.engine_supports_ignore_eos(eng)
     r = cfg.rollout
 
     def ours(batch, max_tokens, step):
         seeds = rollout_seeds(cfg.trainer.seed, step, list(range(len(batch))))
         eng.wake_up()
-        kwargs = {"ignore_eos": True} if native_ignore else {}
         samples = eng.generate(batch, n=n, temperature=r.temperature, top_p=r.top_p, max_tokens=max_tokens, seeds=seeds,
-                               **kwargs)
+                               ignore_eos=True)
         eng.sleep()
         return sum(len(s.token_ids) for group in samples for s in group)
 
@@ -60,66 +56,28 @@ def run(ctx) -> None:
         eng.wake_up()  # a no-op unless rollout.sleep_level > 0; the raw engine must be awake
         params = SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=True, temperature=r.temperature, top_p=r.top_p)
         outs = eng.llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False,
-                                lora_request=plain(eng._lora_request()))
+                                lora_request=eng._lora_request())
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     # warm-up: first requests, the adapter's load
     ours(prompts[:4], 8, 0)
     raw(prompts[:4], 8, 0)
-    if ctx.original_lora_request is not None:
-        _probe_as_is(ctx, ours, raw, prompts[:4], args)
     runs = {"ours": [], "raw": []}
     for rep in range(args.rollout_repeats):
         for name, fn in (("raw", raw), ("ours", ours)) if rep % 2 == 0 else (("ours", ours), ("raw", raw)):
             eng.llm.reset_prefix_cache()
-            with common.Timer() as t:
+            with meters.Timer() as t:
                 tokens = fn(prompts, gen, rep + 1)
             runs[name].append({"seconds": t.s, "generated_tokens": tokens, "tokens_per_s": tokens / t.s})
     ours_tps = statistics.mean(x["tokens_per_s"] for x in runs["ours"])
     raw_tps = statistics.mean(x["tokens_per_s"] for x in runs["raw"])
     common.record(
         "rollout_tokens_per_s", ours_tps, "tokens/s",
-        "raw vLLM LLM.generate, same engine, batch and LoRA adapter (ignore_eos; a plain LoRARequest)", raw_tps, ctx.out,
+        "raw vLLM LLM.generate, same engine, batch and LoRA request (ignore_eos)", raw_tps, ctx.out,
         target={"op": "ratio >=", "value": 0.95}, runs=runs,
         batch={"prompts": count, "n": n, "prompt_tokens": plen, "max_tokens": gen, "sequences": count * n},
         engine=ctx.engine_info(), lora_adapter_active=eng._lora_request() is not None,
         ours_lora_request=repr(eng._lora_request()),
-        ours_impl="RolloutEngine.generate" + (" (ignore_eos=True)" if native_ignore else " (no ignore_eos parameter yet)"),
+        ours_impl="RolloutEngine.generate (ignore_eos=True)",
         issue_reference=ISSUE_REFERENCE, startup=ctx.startup_s,
     )
-
-
-def _probe_as_is(ctx, ours, raw, batch, args) -> None:
-    """The trainer's rollout as it is (an adapter reload at every engine step),
-    on a small batch, against raw vLLM on the same: what the fix buys."""
-    from grpo_core.rollout import RolloutEngine
-
-    tokens = 8 if args.tiny else 32
-    fixed = RolloutEngine._lora_request
-    RolloutEngine._lora_request = ctx.original_lora_request
-    try:
-        ctx.tr.engine.llm.reset_prefix_cache()
-        with common.Timer() as t_ours:
-            n_ours = ours(batch, tokens, 0)
-    finally:
-        RolloutEngine._lora_request = fixed
-    ours(batch, 2, 0)  # back to the fixed request (loads the adapter under its id)
-    ctx.tr.engine.llm.reset_prefix_cache()
-    with common.Timer() as t_raw:
-        n_raw = raw(batch, tokens, 0)
-    common.record(
-        "rollout_as_is_lora_request_tokens_per_s", n_ours / t_ours.s, "tokens/s",
-        "raw vLLM, same small batch (plain LoRARequest)", n_raw / t_raw.s, ctx.out,
-        batch={"prompts": len(batch), "max_tokens": tokens}, seconds={"ours_as_is": t_ours.s, "raw": t_raw.s},
-        note="RolloutEngine._lora_request as committed (load_inplace=True on every request): vLLM reloads the adapter "
-             "from disk at every engine step. rollout_tokens_per_s is measured with the proposed fix applied.")
-
-
-def main(argv=None) -> int:
-    from bench import suite
-
-    return suite.main(["--only", "rollout"] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

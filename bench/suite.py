@@ -4,10 +4,9 @@
 
 A 14B engine takes 77-105 s to start, so the benchmarks that need one share
 it: the trainer is built once by grpo_core.train.build_trainer (engine +
-LoRA Policy, the recipe's settings, dummy weights) and each benchmark runs
-on it in turn. One failing benchmark writes its error records and the next
-one still runs. bench/rollout.py, bench/sync.py and bench/grpo_step.py are
-this with --only set.
+LoRA Policy, the recipe's settings, dummy weights) and each benchmark
+(bench/rollout.py, bench/sync.py, bench/grpo_step.py) runs on it in turn.
+One failing benchmark writes its error records and the next one still runs.
 """
 from __future__ import annotations
 
@@ -17,24 +16,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import common
+from bench import common, grpo_step, meters, rollout, sync
 
 ORDER = ("rollout", "sync_lora", "grpo_step", "sync_full")  # sync_full frees the LoRA policy: last
 
 
 def parse(argv=None):
-    from bench import grpo_step, rollout, sync
-
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(ORDER), help=f"comma list of {', '.join(ORDER)}")
     p.add_argument("--gpu-mem-util", type=float, default=None,
                    help="vLLM gpu_memory_utilization (default 0.4: KV cache for ~150 rollouts at once next to the "
                         "trainer; the recipe's 0.25 leaves ~20 on an H200)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile (faster start, slower decode)")
-    p.add_argument("--as-is-lora-request", action="store_true",
-                   help="keep RolloutEngine._lora_request as it is even if it sends load_inplace=True with every "
-                        "request (vLLM then reloads the adapter from disk at every engine step); by default the "
-                        "proposed fix (a new adapter id per sync) is applied in-process and the as-is cost is probed")
     rollout.add_args(p)
     sync.add_args(p)
     grpo_step.add_args(p)
@@ -56,12 +49,10 @@ class Context:
     data: str
     sampler: object
     startup_s: dict = field(default_factory=dict)
-    original_lora_request: object = None  # set when the bench replaced RolloutEngine._lora_request
 
     def engine_info(self) -> dict:
         eng, r = self.tr.engine, self.cfg.rollout
-        info = {"lora_request_fix_applied_by_bench": self.original_lora_request is not None,
-                "gpu_memory_utilization": r.gpu_memory_utilization, "max_num_seqs": r.max_num_seqs,
+        info = {"gpu_memory_utilization": r.gpu_memory_utilization, "max_num_seqs": r.max_num_seqs,
                 "enforce_eager": bool(r.enforce_eager or eng.on_cpu), "enable_prefix_caching": r.enable_prefix_caching,
                 "lora_rank": eng.lora_rank, "sleep_level": r.sleep_level, "load_format": self.cfg.model.load_format}
         try:
@@ -77,12 +68,10 @@ class Context:
         """Free the trainer side (LoRA policy + optimizer); the engine stays."""
         tr = self.tr
         tr.policy = tr.optimizer = tr.scheduler = None
-        common.free_memory()
+        meters.free_memory()
 
 
 def build_context(args) -> Context:
-    import torch
-
     from grpo_core.train import build_trainer, resume_or_start
 
     data = common.data_path(args.data)
@@ -105,50 +94,21 @@ def build_context(args) -> Context:
     val = max(hi, rollout_len - cfg.data.max_prompt_tokens, cfg.rollout.max_tokens)
     cfg = common.recipe(args.profile, ov + [f"rollout.val_max_tokens={val}"] + args.set)
     shape_s = time.perf_counter() - t0
-    sampler = None
-    device = "cpu" if cfg.trainer.device == "cpu" or not torch.cuda.is_available() else "cuda"
     t0 = time.perf_counter()
-    with common.dummy_weights(device):
-        tr = build_trainer(cfg)
+    tr = build_trainer(cfg)
     build_s = time.perf_counter() - t0
-    sampler = common.DeviceMemSampler()
+    sampler = meters.DeviceMemSampler()
     t0 = time.perf_counter()
     resume_or_start(tr)  # seeds, and for LoRA the first adapter sync (as a run starts)
     start_s = time.perf_counter() - t0
-    original = None
-    if not args.as_is_lora_request and reloads_every_step(tr.engine):
-        from grpo_core.rollout import RolloutEngine
-
-        original, RolloutEngine._lora_request = RolloutEngine._lora_request, lora_request_once
-        print("[bench] RolloutEngine._lora_request sends load_inplace=True (an adapter reload at every engine step): "
-              "replaced in this process by a new adapter id per sync (see bench/README.md)", flush=True)
     print(f"[bench] trainer built in {build_s:.1f}s (engine + policy), first sync {start_s:.2f}s", flush=True)
     return Context(tr, cfg, args, common.out_dir(args), path, data, sampler,
-                   {"shape_dir_s": shape_s, "build_trainer_s": build_s, "resume_or_start_s": start_s}, original)
-
-
-def reloads_every_step(engine) -> bool:
-    """Whether the engine's LoRA requests carry load_inplace=True: vLLM's
-    worker then reloads the adapter from disk at every engine step
-    (WorkerLoRAManager.add_adapter, vLLM 0.26 and 0.32)."""
-    req = engine._lora_request() if engine.lora_rank > 0 else None
-    return bool(req is not None and getattr(req, "load_inplace", False))
-
-
-def lora_request_once(self):
-    """The proposed RolloutEngine._lora_request: a new id per synced
-    version, so vLLM loads each adapter once (max_loras=1 evicts the old)."""
-    if self.lora_rank <= 0 or self._lora_path is None:
-        return None
-    from vllm.lora.request import LoRARequest
-
-    return LoRARequest(f"policy-v{self._lora_version}", self._lora_version, self._lora_path)
+                   {"shape_dir_s": shape_s, "build_trainer_s": build_s, "resume_or_start_s": start_s})
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     common.setup_env(args.tiny)
-    from bench import grpo_step, rollout, sync
     from grpo_core import distributed
 
     out = common.out_dir(args)
@@ -177,10 +137,6 @@ def main(argv=None) -> int:
                 if metric not in common.WRITTEN:
                     common.record_error(metric, unit, out, exc, stage=name)
         print(f"[bench] ---- {name} took {time.perf_counter() - t0:.1f}s", flush=True)
-    if ctx.original_lora_request is not None:
-        from grpo_core.rollout import RolloutEngine
-
-        RolloutEngine._lora_request = ctx.original_lora_request
     try:
         ctx.tr.engine.close()
     except Exception:  # noqa: BLE001

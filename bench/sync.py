@@ -1,7 +1,7 @@
 """Weight sync into vLLM: the LoRA adapter and all 14B weights, seconds; and
 the sync check (engine log-probs == trainer log-probs) for both.
 
-    python -m bench.sync [--tiny] [--sync-repeats 3]
+    python -m bench.suite --only sync_lora,sync_full [--tiny] [--sync-repeats 3]
 
 LoRA, ours: grpo_core.weightsync.WeightSync.push (gather the adapter, write it to
 /dev/shm, point the engine at it) plus the adapter's load inside vLLM, which
@@ -10,9 +10,10 @@ request right after the sync. Baseline: the same one-token request with a
 LoRARequest that vLLM has not seen (an adapter already on disk), i.e. plain
 vLLM's adapter load.
 
-Full, ours: WeightSync.push on a full-fine-tune-like trainer model (fp32
-master weights, FSDP2-sharded as grpo_core.policy does: WeightSync.full_weights ->
-RolloutEngine.load_full_weights), CUDA-synchronized. Baseline: vLLM's model.
+Full, ours: WeightSync.push from a full-fine-tuning Policy (fp32 master
+weights, FSDP2, no reference copy: WeightSync.full_weights ->
+RolloutEngine.load_full_weights), CUDA-synchronized; the engine then serves
+a zero adapter (lora_B = 0: its base weights alone). Baseline: vLLM's model.
 load_weights fed bf16 tensors already on the GPU (the issue's 0.06 s).
 
 Check: before timing LoRA, the trainer's (random) base weights are loaded
@@ -23,12 +24,11 @@ did nothing would show. Log-probs of a few random sequences are compared.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
-import types
+from dataclasses import replace
 from pathlib import Path
 
-from bench import common
+from bench import common, meters
 
 LORA_METRICS = [("sync_lora_s", "s"), ("synccheck_lora_max_abs_diff", "nats")]
 FULL_METRICS = [("sync_full_s", "s"), ("synccheck_full_max_abs_diff", "nats")]
@@ -51,15 +51,19 @@ def _dtype(cfg):
     return DTYPES[cfg.model.dtype]
 
 
+def _lora_b(policy):
+    for name, param in policy.model.named_parameters():
+        if "lora_B" in name:
+            yield param.to_local() if hasattr(param, "to_local") else param.data
+
+
 def perturb_lora(policy, std: float, seed: int) -> None:
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in policy.model.named_parameters():
-            if "lora_B" in name:
-                local = param.to_local() if hasattr(param, "to_local") else param.data
-                local.add_(torch.randn(local.shape, generator=g).to(local) * std)
+        for local in _lora_b(policy):
+            local.add_(torch.randn(local.shape, generator=g).to(local) * std)
 
 
 def check_sequences(count: int, tokens: int, vocab: int, seed: int):
@@ -98,17 +102,10 @@ def one_token(eng, prompt, lora_request):
     from vllm import SamplingParams
 
     eng.wake_up()  # straight to vLLM below: a sleeping engine (KV cache released) must wake first
-    with common.Timer() as t:
+    with meters.Timer() as t:
         eng.llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, temperature=1.0), use_tqdm=False,
                          lora_request=lora_request)
     return t.s
-
-
-def plain(req):
-    """The same adapter as a LoRARequest without load_inplace (vLLM's normal use)."""
-    from vllm.lora.request import LoRARequest
-
-    return None if req is None else LoRARequest(req.lora_name, req.lora_int_id, req.lora_path)
 
 
 # ------------------------------------------------------------------ LoRA
@@ -126,7 +123,7 @@ def run_lora(ctx) -> None:
     prompts, responses = check_sequences(args.check_seqs, tokens, vocab, args.seed + 12)
     # 0. the trainer's base into the engine: both sides then hold one model (dummy weights differ otherwise)
     base_error = None
-    with common.Timer() as t_base:
+    with meters.Timer() as t_base:
         try:
             if not policy.shares_base:  # a shared base is the engine's own already
                 eng.load_full_weights(tr.sync.full_weights(_dtype(cfg)))  # a LoRA policy yields its base, HF-named
@@ -138,7 +135,7 @@ def run_lora(ctx) -> None:
     # 1. the current adapter in place and loaded; the steady one-token latency without any load
     tr.sync.push(eng)
     one_token(eng, probe, eng._lora_request())
-    steady = statistics.median(one_token(eng, probe, plain(eng._lora_request())) for _ in range(3))
+    steady = statistics.median(one_token(eng, probe, eng._lora_request()) for _ in range(3))
     before = engine_logprobs(eng, prompts, responses)
     # 2. baseline: plain vLLM loading an adapter it has not seen, from disk
     raw_dir = Path(tempfile.mkdtemp(prefix="bench-raw-adapter-"))
@@ -151,7 +148,7 @@ def run_lora(ctx) -> None:
     ours, parts = [], []
     for i in range(repeats):
         perturb_lora(policy, std, args.seed + 100 + i)
-        with common.Timer() as t_sync:
+        with meters.Timer() as t_sync:
             reported = tr.sync.push(eng)
         first = max(0.0, one_token(eng, probe, eng._lora_request()) - steady)
         ours.append(t_sync.s + first)
@@ -189,29 +186,14 @@ def _load_direct(worker, weights):
         torch.cuda.synchronize()
 
 
-def full_trainer_model(cfg, info, master_dtype):
-    """A full-fine-tune trainer model without Policy's frozen reference copy
-    (which would not fit next to the engine): fp32 master weights, FSDP2 as
-    Policy._shard does it, and Policy's own forward_logprobs."""
-    import torch
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def full_policy(cfg, info):
+    """A full-fine-tuning Policy of the recipe's model (fp32 master weights,
+    FSDP2), without the frozen reference copy, which would not fit next to
+    the engine."""
+    from grpo_core.policy import Policy
 
-    from grpo_core.policy import Policy, _decoder_layers
-
-    model = common.from_config(cfg.model.path, dtype=master_dtype, device=info.device,
-                               attn_implementation=cfg.model.attn_implementation)
-    model.config.use_cache = False
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
-    kwargs = {"mesh": mesh}
-    if _dtype(cfg) != master_dtype:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_dtype(cfg), reduce_dtype=torch.float32)
-    for layer in _decoder_layers(model):
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
-    shim = types.SimpleNamespace(model=model, is_lora=False, reference=None, cfg=cfg.model, info=info)
-    shim.forward_logprobs = types.MethodType(Policy.forward_logprobs, shim)
-    return shim
+    model = replace(cfg.model, lora_rank=0, share_base_weights=False, gradient_checkpointing=False)
+    return Policy(cfg.model.path, model, cfg.trainer, info, needs_reference=False)
 
 
 def run_full(ctx) -> None:
@@ -225,55 +207,49 @@ def run_full(ctx) -> None:
     tokens = args.check_tokens or (8 if args.tiny else 32)
     vocab = len(tr.tokenizer)
     prompts, responses = check_sequences(args.check_seqs, tokens, vocab, args.seed + 13)
+    if tr.policy.is_lora:  # a zero adapter (lora_B = 0): the engine's requests score with its base weights alone
+        with torch.no_grad():
+            for local in _lora_b(tr.policy):
+                local.zero_()
+        tr.sync.push(eng)
     ctx.drop_policy()  # the LoRA trainer (its base weights) out of the way
-    saved_path, eng._lora_path = eng._lora_path, None  # requests without the adapter: base weights alone
-    try:
-        before = engine_logprobs(eng, prompts, responses)
-        master = torch.float32
-        if torch.cuda.is_available():  # fp32 master weights next to the engine, if they fit
-            need = common.n_params(cfg.model.path) * 4 * 1.1 + 6 * common.GIB
-            if torch.cuda.mem_get_info()[0] < need:
-                master = _dtype(cfg)
-                print(f"[bench] sync_full: not enough free memory for fp32 master weights; using {master}", flush=True)
-        shim = full_trainer_model(cfg, tr.info, master)
-        sync = WeightSync(shim, tr.sync.adapter_dir)
-        ours, reported = [], []
-        for _ in range(repeats):
-            with common.Timer() as t:
-                reported.append(sync.push(eng))
-            ours.append(t.s)
-        after = engine_logprobs(eng, prompts, responses)
-        mine = trainer_logprobs(shim.forward_logprobs, prompts, responses, tr.info.device, tr.tokenizer.pad_token_id)
-        check = compare(after, mine, before)
-        check.update(dtype=cfg.model.dtype, trainer_master_dtype=str(master).removeprefix("torch."), sequences=len(prompts))
-        shapes = [(name, tuple(p.shape)) for name, p in shim.model.named_parameters()]
-        numel = sum(torch.Size(s).numel() for _, s in shapes)
-        del shim
-        common.free_memory()
-        # baseline: bf16 tensors already on the device (random: only the time matters), the model's load_weights
-        dtype = _dtype(cfg)
-        ready = [(name, torch.empty(shape, dtype=dtype, device=tr.info.device).normal_(0, 0.02)) for name, shape in shapes]
-        raw, raw_path = [], "model.load_weights via collective_rpc"
-        for _ in range(repeats):
-            try:
-                with common.Timer() as t:
-                    eng.llm.collective_rpc(_load_direct, kwargs={"weights": ready})
-                    eng.llm.reset_prefix_cache()
-            except Exception as exc:  # noqa: BLE001 - vLLM on CPU repacks weights; then its reload_weights
-                raw_path = f"reload_weights (direct load_weights failed: {type(exc).__name__}: {str(exc)[:200]})"
-                with common.Timer() as t:
-                    eng.load_full_weights(ready)
-            raw.append(t.s)
-        del ready
-        common.free_memory()
-    finally:
-        eng._lora_path = saved_path
-    gib = numel * torch.tensor([], dtype=_dtype(cfg)).element_size() / common.GIB
+    before = engine_logprobs(eng, prompts, responses)
+    policy = full_policy(cfg, tr.info)
+    sync = WeightSync(policy, tr.sync.adapter_dir)
+    ours, reported = [], []
+    for _ in range(repeats):
+        with meters.Timer() as t:
+            reported.append(sync.push(eng))
+        ours.append(t.s)
+    after = engine_logprobs(eng, prompts, responses)
+    mine = trainer_logprobs(policy.forward_logprobs, prompts, responses, tr.info.device, tr.tokenizer.pad_token_id)
+    check = compare(after, mine, before)
+    check.update(dtype=cfg.model.dtype, trainer_master_dtype="float32", sequences=len(prompts))
+    shapes = [(name, tuple(p.shape)) for name, p in policy.model.named_parameters()]
+    numel = sum(torch.Size(s).numel() for _, s in shapes)
+    del policy, sync
+    meters.free_memory()
+    # baseline: bf16 tensors already on the device (random: only the time matters), the model's load_weights
+    dtype = _dtype(cfg)
+    ready = [(name, torch.empty(shape, dtype=dtype, device=tr.info.device).normal_(0, 0.02)) for name, shape in shapes]
+    raw, raw_path = [], "model.load_weights via collective_rpc"
+    for _ in range(repeats):
+        try:
+            with meters.Timer() as t:
+                eng.llm.collective_rpc(_load_direct, kwargs={"weights": ready})
+                eng.llm.reset_prefix_cache()
+        except Exception as exc:  # noqa: BLE001 - vLLM on CPU repacks weights; then its reload_weights
+            raw_path = f"reload_weights (direct load_weights failed: {type(exc).__name__}: {str(exc)[:200]})"
+            with meters.Timer() as t:
+                eng.load_full_weights(ready)
+        raw.append(t.s)
+    del ready
+    meters.free_memory()
+    gib = numel * torch.tensor([], dtype=dtype).element_size() / meters.GIB
     common.record("sync_full_s", statistics.median(ours), "s", f"plain vLLM in-place load of ready bf16 tensors ({raw_path})",
                   statistics.median(raw), ctx.out, higher_is_better=False, target={"op": "<=", "value": 2.0},
                   runs={"ours_s": ours, "ours_reported_by_sync_weights_s": reported, "raw_s": raw},
-                  params=numel, synced_gib=gib, engine=ctx.engine_info(),
-                  trainer_master_dtype=str(master).removeprefix("torch."),
+                  params=numel, synced_gib=gib, engine=ctx.engine_info(), trainer_master_dtype="float32",
                   note="ours: FSDP2 master weights -> engine dtype, one gathered tensor at a time, into "
                        "RolloutEngine.load_full_weights (CUDA-synchronized)")
     tol = args.check_tolerance
@@ -281,13 +257,3 @@ def run_full(ctx) -> None:
                   "change of the engine's log-probs through the sync (a sync that did nothing: diff == change)",
                   check["max_change_since_before"], ctx.out, higher_is_better=False, check=check,
                   tolerance=tol, passed=None if tol is None else check["max_abs_diff"] <= tol)
-
-
-def main(argv=None) -> int:
-    from bench import suite
-
-    return suite.main(["--only", "sync_lora,sync_full"] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

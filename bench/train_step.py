@@ -1,6 +1,6 @@
 """The trainer's LoRA update (grpo_core.train.train_step on a Policy) against
-plain HF + peft on the same micro-batches: tokens/s, MFU (6N FLOPs per
-token, N = all parameters), peak GiB.
+plain HF + peft on the same micro-batches: tokens/s, MFU (FLOPs per token as
+bench/meters.py:update_flops counts them), peak GiB.
 
     python -m bench.train_step [--tiny] [--micro 8] [--seq 768] [--micro-batches 4]
 
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import common
+from bench import common, meters
 
 
 def parse(argv=None):
@@ -54,24 +54,23 @@ def run_ours(cfg, info, batch, warm, n: int):
     from grpo_core.policy import Policy
     from grpo_core.train import train_step
 
-    with common.dummy_weights(info.device):
-        policy = Policy(cfg.model.path, cfg.model, cfg.trainer, info)
+    policy = Policy(cfg.model.path, cfg.model, cfg.trainer, info)
     o = cfg.optim
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     train_step(policy, optimizer, scheduler, warm, cfg)  # warm-up: kernels, allocator, AdamW state
-    common.reset_peak()
-    with common.Timer() as t:
+    meters.reset_peak()
+    with meters.Timer() as t:
         stats = train_step(policy, optimizer, scheduler, batch, cfg)
-    out = {"seconds": t.s, "peak_allocated_gib": common.peak_gib("allocated"), "peak_reserved_gib": common.peak_gib("reserved"),
+    out = {"seconds": t.s, "peak_allocated_gib": meters.peak_gib("allocated"), "peak_reserved_gib": meters.peak_gib("reserved"),
            "model_training_mode": bool(policy.model.training),
            "gradient_checkpointing_active": bool(getattr(policy.model, "is_gradient_checkpointing", False)
                                                  and policy.model.training),
            "trainable_params": sum(p.numel() for p in policy.trainable_parameters()),
            "loss_stats": {k: float(v) for k, v in stats.items()}}
     del policy, optimizer, scheduler
-    common.free_memory()
+    meters.free_memory()
     return out
 
 
@@ -79,11 +78,14 @@ def run_hf_peft(cfg, device, batch, warm):
     """Plain HF + peft, same micro-batches, same LoRA and checkpointing."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from grpo_core.policy import DTYPES, _lora_targets
 
     m = cfg.model
-    model = common.from_config(m.path, dtype=DTYPES[m.dtype], device=device, attn_implementation=m.attn_implementation)
+    with torch.device(device):  # random init on the device, as model.load_format=dummy
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(m.path), dtype=DTYPES[m.dtype],
+                                                 attn_implementation=m.attn_implementation)
     model.config.use_cache = False
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -111,13 +113,13 @@ def run_hf_peft(cfg, device, batch, warm):
         optimizer.step()
 
     step(warm)
-    common.reset_peak()
-    with common.Timer() as t:
+    meters.reset_peak()
+    with meters.Timer() as t:
         step(batch)
-    out = {"seconds": t.s, "peak_allocated_gib": common.peak_gib("allocated"), "peak_reserved_gib": common.peak_gib("reserved"),
+    out = {"seconds": t.s, "peak_allocated_gib": meters.peak_gib("allocated"), "peak_reserved_gib": meters.peak_gib("reserved"),
            "gradient_checkpointing_active": bool(model.is_gradient_checkpointing and model.training)}
     del model, optimizer, params
-    common.free_memory()
+    meters.free_memory()
     return out
 
 
@@ -147,8 +149,7 @@ def main(argv=None) -> int:
                "micro_batches": args.micro_batches, "tokens_per_step": tokens, "n_params": n,
                "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha, "dtype": cfg.model.dtype,
                "gradient_checkpointing": cfg.model.gradient_checkpointing, "kl_coef": cfg.algorithm.kl_coef,
-               "entropy_coef": cfg.algorithm.entropy_coef, "profile": args.profile, "overrides": args.set,
-               "mfu_formula": "tokens/s * 6 * N / 989e12 (H200 bf16 dense)"}
+               "entropy_coef": cfg.algorithm.entropy_coef, "profile": args.profile, "overrides": args.set}
     failed = False
     try:
         ours = run_ours(cfg, info, batch, warm, n)
@@ -169,11 +170,15 @@ def main(argv=None) -> int:
     if ours is not None:
         ok = base is not None and "seconds" in base
         tps, btps = tokens / ours["seconds"], (tokens / base["seconds"] if ok else None)
+        flops, how = meters.update_flops(n, ours["trainable_params"], lora=cfg.model.lora_rank > 0,
+                                         recompute=cfg.model.gradient_checkpointing)
         extra = dict(setting=setting, ours=ours, baseline_detail=base)
         label = "HF + peft LoRA, same micro-batches" if ok else "HF + peft (not measured)"
         common.record("train_step_tokens_per_s", tps, "tokens/s", label, btps, out, **extra)
-        common.record("train_step_mfu", common.mfu(tps, n), "fraction", label, common.mfu(btps, n) if ok else None, out,
-                      target={"op": ">=", "value": 0.45}, **extra)
+        common.record("train_step_mfu", meters.mfu(tps, flops), "fraction", label, meters.mfu(btps, flops) if ok else None,
+                      out, target={"op": ">=", "value": 0.45}, flops_per_token=flops, flops_counted=how,
+                      mfu_formula=f"tokens/s x flops_per_token / {meters.H200_BF16_PEAK_FLOPS:g} (H200 bf16 dense)",
+                      **extra)
         common.record("train_step_peak_gib", ours["peak_allocated_gib"], "GiB", label + " (torch max_memory_allocated)",
                       base["peak_allocated_gib"] if ok else None, out, higher_is_better=False,
                       peak_reserved_gib=ours["peak_reserved_gib"],

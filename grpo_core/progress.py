@@ -12,7 +12,9 @@ import time
 from collections import deque
 from typing import IO, Any, Mapping, Sequence
 
-STAGES = ("rollout", "reference", "update", "sync", "validation")  # metrics time_<stage>
+from .stages import STAGES as STEP_STAGES
+
+STAGES = (*STEP_STAGES, "validation")  # metrics time_<stage>
 ETA_WINDOW = 10  # recent steps the ETA averages over
 
 

@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,13 +33,14 @@ from .model_path import ModelPathError
 from .plots import write_curves
 from .preemption import WALLTIME, Preemption
 from .progress import Progress
+from .stages import STAGES, StageClock, StageListener
 from .trainer import Trainer, build_trainer, resume_or_start, save
 from .engine import Engine
 from .tasks import Prompts, Task
 from .tracking import Tracker
 from .walltime import WalltimeGuard, job_end_time
 
-TIMING_KEYS = ("time_rollout", "time_reference", "time_update", "time_sync", "time_step", "tokens_per_s", "time_validation")
+TIMING_KEYS = tuple(f"time_{s}" for s in STAGES) + ("time_step", "tokens_per_s", "time_validation")
 
 
 @dataclass
@@ -166,27 +166,25 @@ def validate(engine: Engine, task: Task, prompts: Prompts, cfg: TrainConfig) -> 
     return float(np.mean([task.score(s.text, truth) == 1.0 for s, truth in zip(samples, prompts.test_truths)]))
 
 
-def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dict[str, float]:
+def grpo_step(tr: Trainer, on_stage: StageListener | None = None) -> dict[str, float]:
     """One GRPO step on this rank's share of the step's prompts.
 
-    on_stage(name), if given, is called as each stage begins ("rollout",
-    "reference", "update", "sync") and with "end" after the sync: a
-    benchmark's per-stage memory meter, without patching the loop."""
+    The stages' seconds (grpo_core.stages) are the metrics' time_<stage>;
+    on_stage(name), if given, hears the same boundaries ("rollout", then
+    "reference", "update", "sync", "end"): a benchmark's memory meter."""
     cfg, task, n, world = tr.cfg, tr.task, tr.cfg.rollout.n, tr.info.world_size
-    stage = on_stage or (lambda _name: None)
     step_start = time.perf_counter()
-    # ---- rollout
+    stage = StageClock(tr.info.device, on_stage)
+    # ---- rollout (its stage runs to the reference pass: rewards and packing are in it)
     stage("rollout")
     batch_ids = tr.sampler.next_batch()[tr.info.rank :: world]
     prompts = [tr.prompts.train[i] for i in batch_ids]
-    t0 = time.perf_counter()
     tr.engine.wake_up()
     samples = tr.engine.generate(
         prompts, n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
         max_tokens=cfg.rollout.max_tokens, seeds=rollout_seeds(cfg.trainer.seed, tr.state.step, batch_ids),
     )
     tr.engine.sleep()
-    time_rollout = time.perf_counter() - t0
     # ---- reward and group advantages
     flat = [(p, s, tr.prompts.train_truths[i]) for p, i, group in zip(prompts, batch_ids, samples) for s in group]
     a = cfg.algorithm
@@ -199,7 +197,6 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
     # ---- old log-probs only when the policy moves between mini-batches
     # (otherwise the detached current ones are exact), reference for KL
     stage("reference")
-    t0 = time.perf_counter()
     t, lp_slots = cfg.trainer, Slots()
     cut = dict(packed=t.pack_sequences, tokens=t.logprob_micro_batch_tokens, slots=lp_slots)
     if t.mini_batch_prompts < t.prompts_per_step or t.ppo_epochs > 1:
@@ -208,14 +205,11 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
     if a.kl_coef > 0:
         batch.ref_logprobs = batched_logprobs(tr.policy, batch, t.logprob_micro, cfg.rollout.temperature,
                                               reference=True, **cut)
-    time_reference = time.perf_counter() - t0
     # ---- policy update, then the new weights into the engine
     stage("update")
-    t0 = time.perf_counter()
     update_stats = train_step(tr.policy, tr.optimizer, tr.scheduler, batch, cfg)
-    time_update = time.perf_counter() - t0
     stage("sync")
-    time_sync = tr.sync.push(tr.engine)
+    tr.sync.push(tr.engine)
     stage("end")
     lengths = torch.tensor([len(s.token_ids) for _, s, _ in flat], dtype=torch.float32)
     metrics = distributed.all_mean({
@@ -226,10 +220,8 @@ def grpo_step(tr: Trainer, on_stage: Callable[[str], None] | None = None) -> dic
         **({"logprob_padding_fraction": lp_slots.padding_fraction} if lp_slots.total else {}),
     })
     time_step = time.perf_counter() - step_start
-    metrics.update(
-        time_rollout=time_rollout, time_reference=time_reference, time_update=time_update, time_sync=time_sync,
-        time_step=time_step, tokens_per_s=float(batch.attention_mask.sum()) * world / time_step,
-    )
+    metrics.update(stage.metrics(), time_step=time_step,
+                   tokens_per_s=float(batch.attention_mask.sum()) * world / time_step)
     return metrics
 
 
