@@ -28,6 +28,7 @@ METRICS = ([("grpo_step_tokens_per_s_per_gpu", "tokens/s"), ("grpo_step_time_ste
            + [("grpo_step_peak_gib", "GiB")] + [(f"grpo_step_peak_gib_{s}", "GiB") for s in STAGES]
            + [("grpo_step_update_padding_fraction", "fraction"), ("grpo_step_lora_update_mfu", "fraction"),
               ("planner_grpo_step_colocated", "GiB")])
+PADDING_KEY = "update_padding_fraction"  # train_step's metric
 PLANNER_STAGE = {"rollout": "rollout", "reference logprobs": "reference", "update": "update",
                  "update (end of backward)": "update", "optimizer step": "update", "sync": "sync"}
 
@@ -112,7 +113,8 @@ def measure(ctx) -> None:
             batch = rollout_batch(*shaped.last, tr.tokenizer.pad_token_id)
             steps.append({"metrics": metrics, "stages": copy.deepcopy(meter.stats), "step_device_peak_gib": stage_peak,
                           "max_tokens": list(shaped.limits), "prompt_lens": [len(p) for p in shaped.last[0]],
-                          "padding": update_padding(batch, cfg), "padding_unsorted": update_padding(batch, cfg, False),
+                          "padding": metrics[PADDING_KEY] if PADDING_KEY in metrics else update_padding(batch, cfg),
+                          "padding_to_longest": 1.0 - float(batch.attention_mask.float().mean()),
                           "update_tokens": int(batch.attention_mask.sum()) * cfg.trainer.ppo_epochs})
     finally:
         tr.engine = eng
@@ -173,12 +175,12 @@ def rollout_batch(prompts, samples, pad_id: int):
     return pack([p for p, _ in rows], [r for _, r in rows], torch.zeros(len(rows)), pad_id)
 
 
-def update_padding(batch, cfg, longest_first: bool = True) -> tuple[int, int]:
-    """(padding slots, all token slots) of train_step's micro-batches over
-    `batch`: mini-batches of consecutive rows, each sorted longest first
-    (grpo_core.train.by_length; longest_first=False: in rollout order) and cut
-    into micro-batches trimmed to their longest row. Packed rows
-    (trainer.pack_sequences) run back to back: no padding."""
+def update_padding(batch, cfg) -> float:
+    """Until the trainer reports it (PADDING_KEY): padding slots / all token
+    slots of train_step's micro-batches over `batch` (mini-batches of
+    consecutive rows, each sorted longest first by grpo_core.train.by_length,
+    cut into micro-batches trimmed to their longest row; packed rows run back
+    to back, without padding)."""
     from grpo_core.train import by_length
 
     t = cfg.trainer
@@ -186,13 +188,12 @@ def update_padding(batch, cfg, longest_first: bool = True) -> tuple[int, int]:
     per_mini = len(batch) * t.mini_batch_prompts // t.prompts_per_step
     padding = slots = 0
     for start in range(0, len(batch), per_mini):
-        rows = list(range(start, start + per_mini))
-        rows = by_length(batch, rows) if longest_first else rows
+        rows = by_length(batch, list(range(start, start + per_mini)))
         for m in range(0, len(rows), t.micro_batch_size):
             lens = [real[r] for r in rows[m : m + t.micro_batch_size]]
             width = sum(lens) if t.pack_sequences else len(lens) * max(lens)
             padding, slots = padding + width - sum(lens), slots + width
-    return padding * t.ppo_epochs, slots * t.ppo_epochs
+    return padding / slots
 
 
 def _update_records(ctx, steps, time_update: float, setting: dict) -> None:
@@ -200,13 +201,13 @@ def _update_records(ctx, steps, time_update: float, setting: dict) -> None:
     import numpy as np
 
     cfg, policy = ctx.cfg, ctx.tr.policy
-    pad, slots = (sum(s["padding"][i] for s in steps) for i in (0, 1))
-    pad_u, slots_u = (sum(s["padding_unsorted"][i] for s in steps) for i in (0, 1))
-    common.record("grpo_step_update_padding_fraction", pad / slots, "fraction",
-                  "the same micro-batches with rows in rollout order (no longest-first sort)", pad_u / slots_u, ctx.out,
-                  higher_is_better=False, padding_slots=pad, token_slots=slots,
-                  how="padding slots / all token slots of the update's micro-batches (each trimmed to its longest "
-                      "row), over the measured steps' batches", pack_sequences=cfg.trainer.pack_sequences)
+    common.record("grpo_step_update_padding_fraction", float(np.mean([s["padding"] for s in steps])), "fraction",
+                  "every row padded to the step's longest", float(np.mean([s["padding_to_longest"] for s in steps])),
+                  ctx.out, higher_is_better=False, per_step=[s["padding"] for s in steps],
+                  how="padding slots / all token slots of the update's micro-batches",
+                  source=f"the trainer's metric {PADDING_KEY}" if PADDING_KEY in steps[0]["metrics"] else
+                         "bench/grpo_step.py:update_padding (the trainer does not report it yet)",
+                  pack_sequences=cfg.trainer.pack_sequences)
     n, n_lora = common.n_params(cfg.model.path), sum(p.numel() for p in policy.trainable_parameters())
     flops, how = meters.update_flops(n, n_lora, lora=policy.is_lora, recompute=cfg.model.gradient_checkpointing)
     tokens = float(np.mean([s["update_tokens"] for s in steps]))
