@@ -11,7 +11,7 @@ look like GSM8K (normal mean 250, sd 70, clipped to [150, 400]) and
 generated with ignore_eos. Seconds per stage are the trainer's own metrics;
 memory peaks per stage (torch allocated/reserved, the device's through
 NVML) come from a listener on grpo_step's stage hook (meters.StageMemory).
-From the step's batch: the update's padding fraction and its MFU (FLOPs as
+The update's padding fraction (the trainer's metric) and its MFU (FLOPs as
 meters.update_flops counts them). A short warm-up step (few prompts, 16
 tokens) runs first. The recipe's offload flags are off: on one H200 nothing
 needs to leave the GPU (--set to change).
@@ -28,7 +28,6 @@ METRICS = ([("grpo_step_tokens_per_s_per_gpu", "tokens/s"), ("grpo_step_time_ste
            + [("grpo_step_peak_gib", "GiB")] + [(f"grpo_step_peak_gib_{s}", "GiB") for s in STAGES]
            + [("grpo_step_update_padding_fraction", "fraction"), ("grpo_step_lora_update_mfu", "fraction"),
               ("planner_grpo_step_colocated", "GiB")])
-PADDING_KEY = "update_padding_fraction"  # train_step's metric
 PLANNER_STAGE = {"rollout": "rollout", "reference logprobs": "reference", "update": "update",
                  "update (end of backward)": "update", "optimizer step": "update", "sync": "sync"}
 
@@ -110,12 +109,11 @@ def measure(ctx) -> None:
             tr.state.step += 1
             metrics = T.grpo_step(tr, on_stage=meter)
             stage_peak = max([v["peak_device_gib"] for v in meter.stats.values()] + [ctx.sampler.peak()])
-            batch = rollout_batch(*shaped.last, tr.tokenizer.pad_token_id)
+            rows = [len(p) + len(x.token_ids) for p, group in zip(*shaped.last) for x in group]  # the update's rows
             steps.append({"metrics": metrics, "stages": copy.deepcopy(meter.stats), "step_device_peak_gib": stage_peak,
                           "max_tokens": list(shaped.limits), "prompt_lens": [len(p) for p in shaped.last[0]],
-                          "padding": metrics[PADDING_KEY] if PADDING_KEY in metrics else update_padding(batch, cfg),
-                          "padding_to_longest": 1.0 - float(batch.attention_mask.float().mean()),
-                          "update_tokens": int(batch.attention_mask.sum()) * cfg.trainer.ppo_epochs})
+                          "padding_to_longest": 1.0 - sum(rows) / (len(rows) * max(rows)),
+                          "update_tokens": sum(rows) * cfg.trainer.ppo_epochs})
     finally:
         tr.engine = eng
 
@@ -134,7 +132,8 @@ def measure(ctx) -> None:
         "profile": args.profile, "overrides": args.set, "prompts_per_step": cfg.trainer.prompts_per_step,
         "n": cfg.rollout.n, "sequences_per_step": cfg.trainer.prompts_per_step * cfg.rollout.n,
         "micro_batch_size": cfg.trainer.micro_batch_size, "mini_batch_prompts": cfg.trainer.mini_batch_prompts,
-        "logprob_micro_batch_size": cfg.trainer.logprob_micro, "pack_sequences": cfg.trainer.pack_sequences,
+        "logprob_micro_batch_size": cfg.trainer.logprob_micro, "micro_batch_tokens": cfg.trainer.micro_batch_tokens,
+        "pack_sequences": cfg.trainer.pack_sequences,
         "lora_rank": cfg.model.lora_rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "kl_coef": cfg.algorithm.kl_coef, "entropy_coef": cfg.algorithm.entropy_coef,
         "param_offload": cfg.trainer.param_offload, "optimizer_offload": cfg.trainer.optimizer_offload,
@@ -165,49 +164,18 @@ def measure(ctx) -> None:
     _planner(ctx, cfg, peaks, step_peak, max(plens), max(lengths))
 
 
-def rollout_batch(prompts, samples, pad_id: int):
-    """The step's RolloutBatch as grpo_step packs it (rows: each prompt's samples in turn)."""
-    import torch
-
-    from grpo_core.batch import pack
-
-    rows = [(p, list(s.token_ids)) for p, group in zip(prompts, samples) for s in group]
-    return pack([p for p, _ in rows], [r for _, r in rows], torch.zeros(len(rows)), pad_id)
-
-
-def update_padding(batch, cfg) -> float:
-    """Until the trainer reports it (PADDING_KEY): padding slots / all token
-    slots of train_step's micro-batches over `batch` (mini-batches of
-    consecutive rows, each sorted longest first by grpo_core.train.by_length,
-    cut into micro-batches trimmed to their longest row; packed rows run back
-    to back, without padding)."""
-    from grpo_core.train import by_length
-
-    t = cfg.trainer
-    real = batch.attention_mask.sum(dim=1).tolist()
-    per_mini = len(batch) * t.mini_batch_prompts // t.prompts_per_step
-    padding = slots = 0
-    for start in range(0, len(batch), per_mini):
-        rows = by_length(batch, list(range(start, start + per_mini)))
-        for m in range(0, len(rows), t.micro_batch_size):
-            lens = [real[r] for r in rows[m : m + t.micro_batch_size]]
-            width = sum(lens) if t.pack_sequences else len(lens) * max(lens)
-            padding, slots = padding + width - sum(lens), slots + width
-    return padding / slots
-
-
 def _update_records(ctx, steps, time_update: float, setting: dict) -> None:
     """The update stage: its padding fraction and its MFU (meters.update_flops)."""
     import numpy as np
 
     cfg, policy = ctx.cfg, ctx.tr.policy
-    common.record("grpo_step_update_padding_fraction", float(np.mean([s["padding"] for s in steps])), "fraction",
+    padding = [s["metrics"]["update_padding_fraction"] for s in steps]
+    common.record("grpo_step_update_padding_fraction", float(np.mean(padding)), "fraction",
                   "every row padded to the step's longest", float(np.mean([s["padding_to_longest"] for s in steps])),
-                  ctx.out, higher_is_better=False, per_step=[s["padding"] for s in steps],
-                  how="padding slots / all token slots of the update's micro-batches",
-                  source=f"the trainer's metric {PADDING_KEY}" if PADDING_KEY in steps[0]["metrics"] else
-                         "bench/grpo_step.py:update_padding (the trainer does not report it yet)",
-                  pack_sequences=cfg.trainer.pack_sequences)
+                  ctx.out, higher_is_better=False, per_step=padding,
+                  how="the trainer's update_padding_fraction: padding slots / all token slots of the update's "
+                      "micro-batches", pack_sequences=cfg.trainer.pack_sequences,
+                  micro_batch_tokens=cfg.trainer.micro_batch_tokens)
     n, n_lora = common.n_params(cfg.model.path), sum(p.numel() for p in policy.trainable_parameters())
     flops, how = meters.update_flops(n, n_lora, lora=policy.is_lora, recompute=cfg.model.gradient_checkpointing)
     tokens = float(np.mean([s["update_tokens"] for s in steps]))
@@ -216,8 +184,8 @@ def _update_records(ctx, steps, time_update: float, setting: dict) -> None:
                   "target (issue): MFU 0.45", 0.45, ctx.out, target={"op": ">=", "value": 0.45},
                   flops_per_token=flops, flops_counted=how, peak_flops=meters.H200_BF16_PEAK_FLOPS,
                   update_tokens_per_s=tps, update_tokens=tokens, time_update_s=time_update,
-                  note="real (unpadded) tokens x ppo_epochs over the update stage's seconds; padding slots are "
-                       "computed but not counted", setting=setting)
+                  note="real (unpadded) tokens x ppo_epochs over the update stage's seconds (padding slots not "
+                       "counted)", setting=setting)
 
 
 def _planner(ctx, cfg, peaks, step_peak, prompt_max, response_max) -> None:
