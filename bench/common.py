@@ -292,6 +292,16 @@ def n_params(path: str | Path) -> int:
     return memory.shape_for(str(path)).params()
 
 
+def recomputed_params(cfg, every_layer: bool = False) -> int:
+    """Parameters of the decoder layers that recompute in backward (model.gradient_checkpointing,
+    model.recompute_layers; every_layer: all of them when any): their forward runs twice."""
+    from grpo_core import memory
+
+    shape = memory.shape_for(cfg.model.path)
+    count = cfg.model.recomputed(shape.layers)
+    return (shape.layers if every_layer and count else count) * shape.layer_params()
+
+
 # ---------------------------------------------------------------- the recipe
 def profile(name: str):
     """A shipped profile (jobs/cluster_profiles/<name>.yaml) or a profile file, `extends` merged."""

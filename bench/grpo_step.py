@@ -53,13 +53,13 @@ def run(ctx) -> None:
         saved = (ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX)
         try:
             ctx.cfg = ctx.tr.cfg = _apply(ctx.cfg, [o for o in overrides.split(",") if o])
-            _set_checkpointing(ctx.tr.policy, ctx.cfg.model.gradient_checkpointing)
+            _set_recompute(ctx.tr.policy, ctx.cfg)
             common.METRIC_SUFFIX = f"{saved[2]}_{tag}"
             print(f"[bench] ---- grpo_step variant {tag}: {overrides}", flush=True)
             measure(ctx)
         finally:
             ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX = saved
-            _set_checkpointing(ctx.tr.policy, ctx.cfg.model.gradient_checkpointing)
+            _set_recompute(ctx.tr.policy, ctx.cfg)
 
 
 def _apply(cfg, overrides):
@@ -69,12 +69,12 @@ def _apply(cfg, overrides):
     return config.validate(config.build(config.TrainConfig, data))
 
 
-def _set_checkpointing(policy, on: bool) -> None:
-    model = policy.model  # peft passes these through to the HF model
-    if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
+def _set_recompute(policy, cfg) -> None:
+    """The live policy recomputes as `cfg` says (a variant's model.gradient_checkpointing / recompute_layers)."""
+    from grpo_core import memory
+    from grpo_core.policy import set_recompute
+
+    set_recompute(policy.model, cfg.model.recomputed(memory.shape_for(cfg.model.path).layers))
 
 
 def measure(ctx) -> None:
@@ -177,7 +177,7 @@ def _update_records(ctx, steps, time_update: float, setting: dict) -> None:
                       "micro-batches", pack_sequences=cfg.trainer.pack_sequences,
                   micro_batch_tokens=cfg.trainer.micro_batch_tokens)
     n, n_lora = common.n_params(cfg.model.path), sum(p.numel() for p in policy.trainable_parameters())
-    flops, how = meters.update_flops(n, n_lora, lora=policy.is_lora, recompute=cfg.model.gradient_checkpointing)
+    flops, how = meters.update_flops(n, n_lora, lora=policy.is_lora, recomputed=common.recomputed_params(cfg))
     tokens = float(np.mean([s["update_tokens"] for s in steps]))
     tps = tokens / time_update
     common.record("grpo_step_lora_update_mfu", meters.mfu(tps, flops), "fraction",

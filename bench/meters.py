@@ -199,20 +199,21 @@ class StageMemory:
 
 
 # ---------------------------------------------------------------- FLOPs
-def update_flops(n: int, n_trainable: int, *, lora: bool, recompute: bool) -> tuple[float, str]:
+def update_flops(n: int, n_trainable: int, *, lora: bool, recomputed: int) -> tuple[float, str]:
     """FLOPs per token of one policy update (forward + backward), and how
     they are counted. N = all parameters of the model (attention's
     length-dependent FLOPs left out, as in 6N). Full fine-tuning: 6N
     (forward 2N, activation grads 2N, weight grads 2N). LoRA: the frozen base
-    has no weight grads, so 4N, plus the adapters' own 6 N_lora. Recomputation
-    (gradient checkpointing) runs the forward again: + 2N."""
+    has no weight grads, so 4N, plus the adapters' own 6 N_lora.
+    Recomputation runs the forward of the recomputed decoder layers again:
+    + 2 N_rec (`recomputed`: their parameters; all layers: ~2N)."""
     if lora:
         flops, how = 4 * n + 6 * n_trainable, "4N + 6 N_lora (frozen base: forward 2N + activation grads 2N)"
     else:
         flops, how = 6 * n, "6N (forward 2N + activation grads 2N + weight grads 2N)"
-    if recompute:
-        flops, how = flops + 2 * n, how + " + 2N (recomputed forward)"
-    return float(flops), f"{how}; N = {n:.4g}, N_lora = {n_trainable if lora else 0:.4g}"
+    if recomputed:
+        flops, how = flops + 2 * recomputed, how + " + 2 N_rec (the recomputed layers' second forward)"
+    return float(flops), f"{how}; N = {n:.4g}, N_lora = {n_trainable if lora else 0:.4g}, N_rec = {recomputed:.4g}"
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float = H200_BF16_PEAK_FLOPS) -> float:

@@ -170,13 +170,17 @@ def main(argv=None) -> int:
     if ours is not None:
         ok = base is not None and "seconds" in base
         tps, btps = tokens / ours["seconds"], (tokens / base["seconds"] if ok else None)
-        flops, how = meters.update_flops(n, ours["trainable_params"], lora=cfg.model.lora_rank > 0,
-                                         recompute=cfg.model.gradient_checkpointing)
+        lora = cfg.model.lora_rank > 0
+        flops, how = meters.update_flops(n, ours["trainable_params"], lora=lora, recomputed=common.recomputed_params(cfg))
+        # HF's gradient_checkpointing_enable recomputes every layer (model.recompute_layers is ours)
+        base_flops, _ = meters.update_flops(n, ours["trainable_params"], lora=lora,
+                                            recomputed=common.recomputed_params(cfg, every_layer=True))
         extra = dict(setting=setting, ours=ours, baseline_detail=base)
         label = "HF + peft LoRA, same micro-batches" if ok else "HF + peft (not measured)"
         common.record("train_step_tokens_per_s", tps, "tokens/s", label, btps, out, **extra)
-        common.record("train_step_mfu", meters.mfu(tps, flops), "fraction", label, meters.mfu(btps, flops) if ok else None,
-                      out, target={"op": ">=", "value": 0.45}, flops_per_token=flops, flops_counted=how,
+        common.record("train_step_mfu", meters.mfu(tps, flops), "fraction", label,
+                      meters.mfu(btps, base_flops) if ok else None, out, target={"op": ">=", "value": 0.45},
+                      flops_per_token=flops, baseline_flops_per_token=base_flops, flops_counted=how,
                       mfu_formula=f"tokens/s x flops_per_token / {meters.H200_BF16_PEAK_FLOPS:g} (H200 bf16 dense)",
                       **extra)
         common.record("train_step_peak_gib", ours["peak_allocated_gib"], "GiB", label + " (torch max_memory_allocated)",
