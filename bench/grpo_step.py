@@ -43,7 +43,7 @@ def add_args(p) -> None:
     g.add_argument("--mem-target", type=float, default=80.0, help="GiB the step should fit in (the issue: 80)")
     g.add_argument("--grpo-variant", action="append", default=[], metavar="TAG:KEY=VALUE[,KEY=VALUE]",
                    help="after the recipe's steps, the same trainer with these overrides (model.gradient_checkpointing, "
-                        "trainer.*, algorithm.*), recorded with _TAG appended to every metric (repeatable)")
+                        "model.recompute_layers, trainer.*, algorithm.*), recorded with _TAG appended to every metric (repeatable)")
 
 
 def run(ctx) -> None:
@@ -133,8 +133,10 @@ def measure(ctx) -> None:
         "n": cfg.rollout.n, "sequences_per_step": cfg.trainer.prompts_per_step * cfg.rollout.n,
         "micro_batch_size": cfg.trainer.micro_batch_size, "mini_batch_prompts": cfg.trainer.mini_batch_prompts,
         "logprob_micro_batch_size": cfg.trainer.logprob_micro, "micro_batch_tokens": cfg.trainer.micro_batch_tokens,
-        "pack_sequences": cfg.trainer.pack_sequences,
+        "logprob_micro_batch_tokens": cfg.trainer.logprob_micro_batch_tokens,
+        "pack_sequences": cfg.trainer.pack_sequences, "attn_implementation": cfg.model.attn_implementation,
         "lora_rank": cfg.model.lora_rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "recompute_layers": cfg.model.recompute_layers,
         "kl_coef": cfg.algorithm.kl_coef, "entropy_coef": cfg.algorithm.entropy_coef,
         "param_offload": cfg.trainer.param_offload, "optimizer_offload": cfg.trainer.optimizer_offload,
         "response_length": {"dist": shaped.describe(), "mean": float(np.mean(lengths)),
