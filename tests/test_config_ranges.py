@@ -22,7 +22,7 @@ VALUES = {"0": ("0", "0"), "-1": ("-1", "-1"), "nan": ("nan", ".nan"), "inf": ("
           "-inf": ("-inf", "-.inf"), "huge": (str(10**40), str(10**40))}
 
 ZERO_OK = {  # 0 means "off" or "none", or is a legal setting
-    "model.lora_rank", "data.format_score", "algorithm.clip_low", "algorithm.clip_high", "algorithm.kl_coef",
+    "model.lora_rank", "model.recompute_layers", "data.format_score", "algorithm.clip_low", "algorithm.clip_high", "algorithm.kl_coef",
     "algorithm.entropy_coef", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.grad_clip",
     "optim.warmup_steps", "trainer.logprob_micro_batch_size", "trainer.micro_batch_tokens",
     "trainer.logprob_micro_batch_tokens", "trainer.seed", "trainer.val_every", "trainer.val_prompts",
