@@ -3,12 +3,16 @@
 - The rendered GPU scripts pass `sbatch --test-only` on a fake-GPU node; bad
   environments (no sbatch, an unreachable controller, a value with shell
   metacharacters) fail with one line and leave nothing behind.
-- The slurm-cpu tiny recipe runs to the end through Slurm, and the same run
-  interrupted three ways (USR2 warning, `scontrol requeue`, preemption by a
-  job on the higher-priority partition) ends with the same final step,
-  bit-identical trainable weights, the same metrics steps and one MLflow run
-  without duplicate steps; so does one stopped with jobs.cancel and started
-  again with jobs.resubmit.
+- The slurm-cpu tiny recipe runs to the end through Slurm with real vLLM
+  (the one real-vLLM end-to-end Slurm run), and the same run interrupted
+  three ways (USR2 warning, `scontrol requeue`, preemption by a job on the
+  higher-priority partition) ends with the same final step, bit-identical
+  trainable weights, the same metrics steps and one MLflow run without
+  duplicate steps; so does one stopped with jobs.cancel and started again
+  with jobs.resubmit, and a world-2 run requeued by Slurm. Requeue and resume
+  are the job's, the loop's and the checkpoint's business, not vLLM's: those
+  runs use the pure-torch engine (tests/fake_engine.py), as tests/test_train_e2e.py's
+  SIGKILL test does.
 """
 from __future__ import annotations
 
@@ -135,13 +139,15 @@ def test_no_sbatch_on_path(tmp_path: Path) -> None:
 # A tiny step takes ~0.15 s on CPU: 40 of them leave the scheduler a few seconds
 # to act on a preemption after step 3, while a whole run stays well under a minute.
 # One CPU per job, so the straight, USR2, requeue and cancel+resubmit runs
-# proceed side by side on the node's 4 CPUs.
+# proceed side by side on the node's 4 CPUs (the real-vLLM run goes alone).
 STEPS = 40
 TINY = [f"train.trainer.total_steps={STEPS}", "train.checkpoint.every=4", "train.trainer.num_threads=1",
         "cluster.cpus_per_task=1", "train.trainer.prompts_per_step=16", "train.trainer.mini_batch_prompts=16",
         "train.trainer.micro_batch_size=32", "train.rollout.n=8", "train.trainer.val_every=0"]
 INTERRUPT_AT = 3
 RUN_TIMEOUT_S = 420
+REAL_VLLM_RUN = "straight-vllm"
+FAKE_ENGINE = ["train.rollout.engine=tests.fake_engine:FakeEngine"]
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +158,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _start(cluster: LocalSlurm, workdir: Path, name: str, *extra: str) -> tuple[Path, str]:
     # Each run its own runs dir, so each has its own mlflow.db: runs never share a SQLite file.
+    engine = [] if name == REAL_VLLM_RUN else FAKE_ENGINE
+    # sbatch exports the environment to the job; PYTHONPATH: this checkout (tests.fake_engine) from its workdir
+    env = {**cluster.full_env(), "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "jobs.submit", "--profile", "slurm-cpu", "--name", name,
-                          "--runs-dir", str(workdir / name), "--no-follow", *TINY, *extra],
-                         cwd=workdir, env=cluster.full_env(), capture_output=True, text=True, timeout=120)
+                          "--runs-dir", str(workdir / name), "--no-follow", *TINY, *engine, *extra],
+                         cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = re.search(r"job:\s+(\d+) \(Slurm job\)", out.stdout).group(1)  # type: ignore[union-attr]
     return workdir / name / name, job_id
@@ -243,6 +252,12 @@ def _trainable(run_dir: Path, step: int) -> dict:
     return torch.load(run_dir / "checkpoints" / f"step_{step:06d}" / "trainable.pt", map_location="cpu")
 
 
+def _engine_of(run_dir: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run_dir / "train.yaml").read_text())["rollout"]["engine"]
+
+
 def _steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -260,12 +275,13 @@ def _mlflow_run(run_dir: Path, name: str) -> tuple[list[int], dict[str, str], st
     return sorted(m.step for m in history), found[0].data.tags, found[0].info.status
 
 
-def test_slurm_cpu_runs_to_the_end(side_by_side: dict[str, Path]) -> None:
-    straight = side_by_side["straight"]
+def test_slurm_cpu_runs_to_the_end_with_vllm(slurm_cluster: LocalSlurm, workdir: Path) -> None:
+    straight = _run_all(slurm_cluster, workdir, {REAL_VLLM_RUN: None})[REAL_VLLM_RUN]
     status = _status(straight)
     assert status["state"] == "finished" and status["step"] == status["total_steps"] == STEPS
     assert status["restarts"] == 0 and _steps(straight) == list(range(1, STEPS + 1))
-    steps, tags, mlflow_status = _mlflow_run(straight, "straight")
+    assert _engine_of(straight) == "vllm"
+    steps, tags, mlflow_status = _mlflow_run(straight, REAL_VLLM_RUN)
     assert steps == list(range(1, STEPS + 1)) and mlflow_status == "FINISHED"
     assert tags["slurm_restart_count"] == "0" and tags["slurm_job_id"]
 
@@ -279,6 +295,7 @@ def test_interrupted_run_resumes_bit_identically(how: str, slurm_cluster: LocalS
     if how == "preempt":  # alone: the high-priority job would preempt any run beside it
         side_by_side = {**side_by_side, **_run_all(slurm_cluster, workdir, {name: how})}
     run_dir, straight = side_by_side[name], side_by_side["straight"]
+    assert _engine_of(run_dir) == _engine_of(straight) == FAKE_ENGINE[0].partition("=")[2]
     status = _status(run_dir)
     if how == "cancel":  # a second job (resubmit), not a requeue of the first
         assert len(json.loads((run_dir / "run.json").read_text())["jobs"]) == 2
@@ -309,7 +326,7 @@ WORLD2 = ("cluster.tasks_per_node=2",)
 
 
 def test_world_two_through_slurm_requeue_resumes_bit_identically(slurm_cluster: LocalSlurm, workdir: Path) -> None:
-    """slurm-cpu with 2 tasks (2 ranks: FSDP2 over gloo, one vLLM engine each),
+    """slurm-cpu with 2 tasks (2 ranks: FSDP2 over gloo, one engine each),
     requeued by Slurm mid-run, ends bit-identical to the same run uninterrupted."""
     import torch
 
