@@ -287,17 +287,17 @@ def shape_dir(args, shape: str, data: str = "", layers: int | None = None) -> Pa
 
 def n_params(path: str | Path) -> int:
     """Total parameters of the shape (the N of 6N FLOPs per token)."""
-    from grpo_core import memory
+    from grpo_core import modelshape
 
-    return memory.shape_for(str(path)).params()
+    return modelshape.shape_for(str(path)).params()
 
 
 def recomputed_params(cfg, every_layer: bool = False) -> int:
     """Parameters of the decoder layers that recompute in backward (model.gradient_checkpointing,
     model.recompute_layers; every_layer: all of them when any): their forward runs twice."""
-    from grpo_core import memory
+    from grpo_core import modelshape
 
-    shape = memory.shape_for(cfg.model.path)
+    shape = modelshape.shape_for(cfg.model.path)
     count = cfg.model.recomputed(shape.layers)
     return (shape.layers if every_layer and count else count) * shape.layer_params()
 

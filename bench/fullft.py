@@ -100,9 +100,9 @@ def build_config(args, data: str, run_dir: Path):
 
 
 def planner(cfg, total_gib: float, gpus: int = 1, gpus_per_node: int = 0, host_mem_gib: float = 0.0):
-    from grpo_core import memory
+    from grpo_core import advice, memory, modelshape
 
-    return memory.plan(memory.shape_for(cfg.model.path), cfg, gpus, total_gib,
+    return advice.plan(modelshape.shape_for(cfg.model.path), cfg, gpus, total_gib,
                        memory.Knobs(gpus_per_node=gpus_per_node, host_mem_gib=host_mem_gib), name="fullft")
 
 

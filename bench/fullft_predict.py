@@ -23,13 +23,13 @@ def stage_prediction(plan, stage: str) -> tuple[float, float]:
 
 def predict_48l(args, out, cfg, plan, step, stages) -> None:
     """The 48-layer model on 4 x 80 GiB, one engine per GPU, from the planner and the measured step."""
-    from grpo_core import memory
+    from grpo_core import advice, memory, modelshape
 
     mem = _slurm_gib(str(common.profile(args.profile).cluster.mem or ""))
     full = common.recipe(args.profile, ["model.path=Qwen/Qwen2.5-14B-Instruct", "trainer.device=cuda",
                                         "rollout.tensor_parallel_size=1"])
-    q14 = memory.KNOWN_SHAPES["Qwen2.5-14B"]
-    p48 = memory.plan(q14, full, RECIPE_GPUS, RECIPE_GPU_GIB,
+    q14 = modelshape.KNOWN_SHAPES["Qwen2.5-14B"]
+    p48 = advice.plan(q14, full, RECIPE_GPUS, RECIPE_GPU_GIB,
                       memory.Knobs(gpus_per_node=RECIPE_GPUS, host_mem_gib=mem), name="h800x4")
     # Calibration: the reduced run's measured-minus-predicted per stage (constant terms: CUDA context,
     # graphs, allocator) carried over unchanged.

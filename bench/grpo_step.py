@@ -71,10 +71,10 @@ def _apply(cfg, overrides):
 
 def _set_recompute(policy, cfg) -> None:
     """The live policy recomputes as `cfg` says (a variant's model.gradient_checkpointing / recompute_layers)."""
-    from grpo_core import memory
+    from grpo_core import modelshape
     from grpo_core.policy import set_recompute
 
-    set_recompute(policy.model, cfg.model.recomputed(memory.shape_for(cfg.model.path).layers))
+    set_recompute(policy.model, cfg.model.recomputed(modelshape.shape_for(cfg.model.path).layers))
 
 
 def measure(ctx) -> None:
@@ -194,13 +194,13 @@ def _planner(ctx, cfg, peaks, step_peak, prompt_max, response_max) -> None:
     """grpo_core.memory's plan for this very config next to the measured device peaks."""
     import torch
 
-    from grpo_core import memory
+    from grpo_core import advice, memory, modelshape
 
     total = torch.cuda.get_device_properties(0).total_memory / meters.GIB if torch.cuda.is_available() else 80.0
-    shape = memory.shape_for(cfg.model.path)
-    plan = memory.plan(shape, cfg, 1, total, name="grpo_step")
-    observed = memory._with(memory._with(cfg, "data.max_prompt_tokens", prompt_max), "rollout.max_tokens", response_max)
-    plan_obs = memory._build("grpo_step", shape, observed, 1, total, memory.Knobs())
+    shape = modelshape.shape_for(cfg.model.path)
+    plan = advice.plan(shape, cfg, 1, total, name="grpo_step")
+    observed = advice._with(advice._with(cfg, "data.max_prompt_tokens", prompt_max), "rollout.max_tokens", response_max)
+    plan_obs = memory.build("grpo_step", shape, observed, 1, total, memory.Knobs())
     stages = {}
     for st, st_obs in zip(plan.stages, plan_obs.stages):
         m = peaks[PLANNER_STAGE[st.name]]

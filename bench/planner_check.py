@@ -57,10 +57,10 @@ def make_batch(rows: int, seq: int, prompt: int, vocab: int, seed: int):
 
 
 def predicted(cfg, name: str, total_gib: float) -> dict[str, dict[str, float]]:
-    from grpo_core import memory
+    from grpo_core import advice, modelshape
 
-    shape = memory.shape_for(cfg.model.path)
-    plan = memory.plan(shape, cfg, 1, total_gib, name=name)
+    shape = modelshape.shape_for(cfg.model.path)
+    plan = advice.plan(shape, cfg, 1, total_gib, name=name)
     out = {}
     for st in plan.stages:
         gpu = [p for p in st.parts if p.where == "gpu"]

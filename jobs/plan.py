@@ -17,7 +17,7 @@ import re
 import sys
 from typing import Any, Sequence
 
-from grpo_core import memory
+from grpo_core import advice, memory, modelshape
 from grpo_core.cli import ArgumentParser, fail
 from grpo_core.config import ConfigError, load
 from grpo_core.constants import HEAD_CHUNK_TOKENS, LOGPROB_CHUNK
@@ -115,12 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, gpus, per_node, host_gib = _resolve(args)
         if gpus < 1:
             raise ConfigError("how many GPUs? pass --gpus N (or a profile with cluster.gpus_per_node)")
-        shape, name = memory.shape_for_model(cfg.model), memory.shape_name(cfg.model.path)
+        shape, name = modelshape.shape_for_model(cfg.model), modelshape.shape_name(cfg.model.path)
         knobs = memory.Knobs(head_chunk_tokens=args.head_chunk_tokens, logprob_chunk=args.logprob_chunk, offload_style=args.offload_style,
                              vllm_in_process=not args.vllm_process, entropy_metric=not args.no_entropy_metric,
                              gpus_per_node=per_node,
                              host_mem_gib=host_gib)
-        p = memory.plan(shape, cfg, gpus, args.gpu_mem_gib, knobs, name=name, tune=args.tune)
+        p = advice.plan(shape, cfg, gpus, args.gpu_mem_gib, knobs, name=name, tune=args.tune)
     except (ConfigError, ValueError, OSError) as exc:
         fail(f"plan: {exc}", EXIT_BAD_INPUT)
     print(json.dumps(p.to_dict(), indent=1) if args.json else format_plan(p, "train." if args.profile else ""))

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from grpo_core import memory
+from grpo_core import memory, modelshape
 from grpo_core.config import TrainConfig, apply_overrides, build, load, to_dict, validate
-from grpo_core.memory import KNOWN_SHAPES, Knobs, lora_params, plan, shape_for
+from grpo_core.advice import plan
+from grpo_core.memory import Knobs
+from grpo_core.modelshape import KNOWN_SHAPES, lora_params, shape_for
 
 ROOT = Path(__file__).resolve().parent.parent
 Q14 = KNOWN_SHAPES["Qwen2.5-14B"]
@@ -68,7 +70,7 @@ def test_counts_agree_with_transformers_and_peft() -> None:
     hf = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=320, vocab_size=300, tie_word_embeddings=False)
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf))
-    shape = memory.shape_from_config(hf)
+    shape = modelshape.shape_from_config(hf)
     assert shape.params() == sum(p.numel() for p in model.parameters())
     lora = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear"))
     assert lora_params(shape, 8) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
@@ -77,7 +79,7 @@ def test_counts_agree_with_transformers_and_peft() -> None:
 
 def test_shape_for_names_dirs_and_errors(tmp_path: Path) -> None:
     assert shape_for("Qwen/Qwen2.5-14B-Instruct") == Q14
-    assert memory.shape_name("Qwen/Qwen2.5-14B-Instruct") == "Qwen2.5-14B"
+    assert modelshape.shape_name("Qwen/Qwen2.5-14B-Instruct") == "Qwen2.5-14B"
     assert shape_for("/models/qwen2.5-0.5b-instruct") == KNOWN_SHAPES["Qwen2.5-0.5B"]
     assert shape_for("1.5B") == KNOWN_SHAPES["Qwen2.5-1.5B"]
     assert shape_for("qwen2.5-32b") == KNOWN_SHAPES["Qwen2.5-32B"]
@@ -91,7 +93,7 @@ def test_shape_for_names_dirs_and_errors(tmp_path: Path) -> None:
 
 def test_activation_formula_lora_sdpa() -> None:
     h, i, r, s = 5120, 13824, 32, 1536
-    got = memory.layer_activation_bytes(Q14, s, full=False, targets=memory.lora_targets(Q14), rank=r, attn="sdpa")
+    got = memory.layer_activation_bytes(Q14, s, full=False, targets=modelshape.lora_targets(Q14), rank=r, attn="sdpa")
     # norms 2x4h (fp32 inputs) + qkv/gate-up inputs 2x2h + attention q,k,v(repeated),out 8h
     # + SwiGLU 6i + down input 2i + LoRA A outputs 7x2r + fp32 lse 4*heads + mask bias 2s
     assert got == 8 * h + 4 * h + 8 * h + 8 * i + 14 * r + 4 * 40 + 2 * s
@@ -205,7 +207,7 @@ def test_logprob_micro_batch_sizes_only_the_no_grad_passes() -> None:
     seq = 512 + 1024  # the defaults: data.max_prompt_tokens + rollout.max_tokens
     layer = part(big, "reference logprobs", "layer forward").gib  # 64 rows: the layer, not a logits chunk, is larger
     assert layer == pytest.approx(memory.layer_activation_bytes(
-        Q14, seq, full=False, targets=memory.lora_targets(Q14, cfg().model.lora_target_modules), rank=32,
+        Q14, seq, full=False, targets=modelshape.lora_targets(Q14, cfg().model.lora_target_modules), rank=32,
         attn=cfg().model.attn_implementation, act=memory.ACT) * 64 * seq / memory.GIB)
     assert stage(big, "reference logprobs") > stage(same, "reference logprobs")
     # too large to fit: the largest that fits with headroom is suggested

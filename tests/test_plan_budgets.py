@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from grpo_core import memory
+from grpo_core import advice, memory
 from jobs import plan as plan_cli
 from tests.test_memory import Q14, cfg, with_change
 
@@ -24,24 +24,24 @@ def stage(p: memory.Plan, name: str) -> float:
 @pytest.mark.parametrize("packed", [False, True])
 def test_a_budget_of_k_sequences_sizes_like_k_rows(packed):
     base = ("trainer.pack_sequences=true",) if packed else ()
-    rows = memory.plan(Q14, cfg(*base, "trainer.micro_batch_size=4", "trainer.logprob_micro_batch_size=8"), 1, 140.0)
-    tokens = memory.plan(Q14, cfg(*base, f"trainer.micro_batch_tokens={4 * SEQ}",
+    rows = advice.plan(Q14, cfg(*base, "trainer.micro_batch_size=4", "trainer.logprob_micro_batch_size=8"), 1, 140.0)
+    tokens = advice.plan(Q14, cfg(*base, f"trainer.micro_batch_tokens={4 * SEQ}",
                                   f"trainer.logprob_micro_batch_tokens={8 * SEQ}"), 1, 140.0)
     assert stage(tokens, "update") == stage(rows, "update")
     assert stage(tokens, "reference logprobs") == stage(rows, "reference logprobs")
-    one_row = memory.plan(Q14, cfg(*base, "trainer.micro_batch_size=1"), 1, 140.0)
-    below = memory.plan(Q14, cfg(*base, "trainer.micro_batch_tokens=100"), 1, 140.0)
+    one_row = advice.plan(Q14, cfg(*base, "trainer.micro_batch_size=1"), 1, 140.0)
+    below = advice.plan(Q14, cfg(*base, "trainer.micro_batch_tokens=100"), 1, 140.0)
     assert stage(below, "update") == stage(one_row, "update")  # a longer row runs alone
-    more = memory.plan(Q14, cfg(*base, f"trainer.micro_batch_tokens={8 * SEQ}"), 1, 140.0)
+    more = advice.plan(Q14, cfg(*base, f"trainer.micro_batch_tokens={8 * SEQ}"), 1, 140.0)
     assert stage(more, "update") > stage(tokens, "update") + 1.0
 
 
 def test_packed_sdpa_masks_span_the_whole_pass():
     """sdpa on packed rows builds one [N, N] mask per pass: the planner charges it; flex attention does not."""
     n = 16 * SEQ
-    padded = memory.plan(Q14, cfg(f"trainer.micro_batch_tokens={n}"), 1, 140.0)
-    packed = memory.plan(Q14, cfg(f"trainer.micro_batch_tokens={n}", "trainer.pack_sequences=true"), 1, 140.0)
-    flex = memory.plan(Q14, cfg(f"trainer.micro_batch_tokens={n}", "trainer.pack_sequences=true",
+    padded = advice.plan(Q14, cfg(f"trainer.micro_batch_tokens={n}"), 1, 140.0)
+    packed = advice.plan(Q14, cfg(f"trainer.micro_batch_tokens={n}", "trainer.pack_sequences=true"), 1, 140.0)
+    flex = advice.plan(Q14, cfg(f"trainer.micro_batch_tokens={n}", "trainer.pack_sequences=true",
                                 "model.attn_implementation=flex_attention"), 1, 140.0)
     assert stage(packed, "update") > stage(padded, "update") > stage(flex, "update")
 
@@ -81,8 +81,8 @@ def test_a_set_budget_gets_its_line_without_tune(capsys):
 
 def test_the_fewest_recomputed_layers_respect_the_current_setting():
     c = cfg("model.gradient_checkpointing=false", "trainer.micro_batch_size=8")
-    k, peak = memory.fewest_recomputed("", Q14, c, 2, 140.0, memory.Knobs())
+    k, peak = advice.fewest_recomputed("", Q14, c, 2, 140.0, memory.Knobs())
     assert 0 < k < Q14.layers and peak <= memory.SUGGEST_HEADROOM * 140
     fewer = with_change(with_change(c, "model.gradient_checkpointing=true"), f"model.recompute_layers={k - 1}")
-    assert not memory._roomy(memory.plan(Q14, fewer, 2, 140.0))
-    assert memory.fewest_recomputed("", Q14, c, 2, 140.0, memory.Knobs(), above=k)[0] == k + 1  # more than set
+    assert not advice._roomy(advice.plan(Q14, fewer, 2, 140.0))
+    assert advice.fewest_recomputed("", Q14, c, 2, 140.0, memory.Knobs(), above=k)[0] == k + 1  # more than set

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from grpo_core import config, memory
+from grpo_core import advice, config, modelshape
 from grpo_core.policy import _decoder_layers
 from tests.test_packing import grads_after, make_batch, make_policy, vocab_of
 
@@ -66,18 +66,18 @@ def test_recompute_layers_needs_checkpointing_and_at_most_the_model_s_layers(mod
 
 
 def test_planner_update_memory_falls_with_recomputed_layers():
-    shape = memory.KNOWN_SHAPES["Qwen2.5-14B"]
+    shape = modelshape.KNOWN_SHAPES["Qwen2.5-14B"]
     base = config.load(None, ["model.path=Qwen/Qwen2.5-14B-Instruct", "model.dtype=bfloat16", "model.lora_rank=32",
                               "model.share_base_weights=true", "rollout.sleep_level=1", "trainer.micro_batch_size=16",
                               "model.gradient_checkpointing=true"])
 
     def update_gib(k: int) -> float:
         m = dataclasses.replace(base.model, gradient_checkpointing=k > 0, recompute_layers=k)
-        stages = memory.plan(shape, dataclasses.replace(base, model=m), 1, 140.0).stages
+        stages = advice.plan(shape, dataclasses.replace(base, model=m), 1, 140.0).stages
         return {s.name: s.total("gpu") for s in stages}["update"]
 
     peaks = [update_gib(k) for k in range(shape.layers + 1)]
     assert all(a > b for a, b in zip(peaks, peaks[1:-1])), "each recomputed layer but the last saves memory"
     assert peaks[0] - peaks[shape.layers - 1] > 20  # GiB: 47 of 48 layers' activations at 16 x 1536 tokens
-    everything = {s.name: s.total("gpu") for s in memory.plan(shape, base, 1, 140.0).stages}["update"]
+    everything = {s.name: s.total("gpu") for s in advice.plan(shape, base, 1, 140.0).stages}["update"]
     assert peaks[-1] == everything  # recompute_layers=0 is all of them
