@@ -451,6 +451,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}={value!r}; valid values: {', '.join(map(str, allowed))}")
     if not cfg.model.path:
         raise ConfigError("model.path is required")
+    if not t.run_dir.strip():
+        raise ConfigError("trainer.run_dir is required (an empty one would be the current directory)")
     from .tasks import BUILTIN_TASKS, check_plugins  # tasks imports this module
 
     if cfg.data.task not in BUILTIN_TASKS and ":" not in cfg.data.task:

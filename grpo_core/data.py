@@ -7,6 +7,7 @@ the file (and line/row), so the CLI can print it as is and exit 2.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,10 +120,17 @@ def load_gsm8k(path: str, split: str, hub_name: str = "openai/gsm8k") -> list[Ex
 def _load_hub(hub_name: str, split: str) -> list[Example]:
     import datasets  # heavy; only needed for the hub path
 
+    # huggingface_hub warns once per retry (5 of them, two lines each, when offline); the
+    # one-line error below says why it failed.
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
         ds = datasets.load_dataset(hub_name, "main", split=split)
     except Exception as exc:  # noqa: BLE001 - network, auth, unknown split...
         raise DataError(f"cannot load {hub_name} (main, split {split!r}) from the hub: {_one_line(exc)}") from None
+    finally:
+        hub_log.setLevel(level)
     examples = _from_rows(ds, f"{hub_name}:{split}")
     if not examples:
         raise DataError(f"{hub_name}:{split}: dataset is empty")

@@ -20,6 +20,17 @@ class RunFileError(ValueError):
     code = EXIT_BAD_INPUT
 
 
+def unusable_run_dir(run_dir: Path) -> str | None:
+    """Why `run_dir` can never be a run directory (it, or a folder above it, is a file), else None.
+    Checked before the model is built; a full or read-only disk shows later, as the environment."""
+    path = Path(run_dir).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else (
+                "is a file, not a directory" if candidate == path else f"is under {candidate}, a file")
+    return None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Readers see the old file or the new one, never a part; the new one is on disk
     (fsync'd, rename included) before this returns. Mode follows the umask, as a plain write's."""

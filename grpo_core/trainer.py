@@ -62,6 +62,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     """Data, model, engine, optimizer. Bad input fails here, before the run
     directory is created."""
     config.check_layout(cfg, distributed.env_world_size())  # before any rank waits for the others
+    why = rundir.unusable_run_dir(Path(cfg.trainer.run_dir))
+    if why:
+        raise ConfigError(f"trainer.run_dir={cfg.trainer.run_dir} {why}")
     info = distributed.init_distributed(cfg.trainer.device, own_gpu=cfg.rollout.tensor_parallel_size == 1)
     if cfg.model.share_base_weights and info.device.type != "cuda":
         raise ConfigError(f"model.share_base_weights=true needs a CUDA device (this run is on {info.device.type})")

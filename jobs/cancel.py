@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run", help="run or sweep name, or run dir")
     p.add_argument("--runs-dir", help=f"where run dirs live (default: ${runs.RUNS_ENV} or ./runs)")
     args = p.parse_args(argv)
-    root = runs.runs_root(args.runs_dir)
     try:
+        root = runs.runs_root(args.runs_dir)
         swept = sweep.find(args.run, root)
         if swept is not None:
             from jobs import sweep_cli

@@ -59,8 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="stream progress until the job ends (default for local runs)")
     p.add_argument("--no-follow", dest="follow", action="store_false")
     args = p.parse_args(argv)
-    root = runs.runs_root(args.runs_dir)
     try:
+        root = runs.runs_root(args.runs_dir)
         swept = sweep.find(args.run, root)
         if swept is not None:
             from jobs import sweep_cli

@@ -52,7 +52,14 @@ def now_iso() -> str:
 
 
 def runs_root(explicit: str | None = None) -> Path:
-    return Path(explicit or os.environ.get(RUNS_ENV) or "runs").expanduser().absolute()
+    """--runs-dir, else $GRPO_RUNS_DIR, else ./runs; never a file (that is bad input, not a disk fault)."""
+    from grpo_core.rundir import unusable_run_dir
+
+    root = Path(explicit or os.environ.get(RUNS_ENV) or "runs").expanduser().absolute()
+    why = unusable_run_dir(root)
+    if why:
+        raise JobsError(f"runs dir {root} {why}")
+    return root
 
 
 def resolve_run(name_or_path: str, root: Path) -> Path:

@@ -193,8 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--follow", action="store_true", help="stream the run's progress until it ends")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
-    root = runs.runs_root(args.runs_dir)
+    if args.limit < 1:
+        p.error(f"--limit {args.limit}: must be >= 1")
+    if args.follow and args.run is None:
+        p.error("--follow needs a RUN (or sweep) to follow")
     try:
+        root = runs.runs_root(args.runs_dir)
         swept = sweep.find(args.run, root) if args.run is not None else None
         if swept is not None:  # a sweep: its elements as a table
             if args.follow:

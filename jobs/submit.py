@@ -165,7 +165,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-parallel", type=int, default=0, metavar="N",
                    help="at most N elements of the array at once (sbatch --array=...%%N; default: all)")
     args = p.parse_args(argv)
-    if not args.sweep and (args.sweep_name or args.max_parallel):
+    if not args.sweep and (args.sweep_name is not None or args.max_parallel):
         p.error("--sweep-name and --max-parallel go with --sweep")
     return args
 
@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_profiles:
         print_profiles()
         return 0
+    per_run = [o for o in args.overrides if o.partition("=")[0].strip() == "train.trainer.run_dir"]
+    if per_run:  # prepare() would silently replace it
+        runs.fail(f"override {per_run[0]!r}: jobs.submit sets the run dir (RUNS/NAME: --runs-dir, --name)")
     if args.sweep:
         from jobs import sweep_cli
 

@@ -47,6 +47,9 @@ class Element:
     run: RunSpec
 
 
+PER_RUN_KEYS = ("trainer.run_dir",)  # jobs.submit sets it from --runs-dir and the run's name
+
+
 def parse_axes(specs: Sequence[str]) -> list[Axis]:
     axes: list[Axis] = []
     for spec in specs:
@@ -57,6 +60,8 @@ def parse_axes(specs: Sequence[str]) -> list[Axis]:
         if key.startswith("cluster."):
             raise JobsError(f"--sweep {key}: one job array shares its cluster.* settings; sweep train keys")
         key = key.removeprefix("train.")
+        if key in PER_RUN_KEYS:
+            raise JobsError(f"--sweep {key}: each element's run dir is its own (runs/NAME-i); sweep another key")
         values = tuple(v.strip() for v in text.split(","))
         if not values or any(not v for v in values):
             raise JobsError(f"--sweep {spec!r}: empty value; give values separated by commas")

@@ -24,14 +24,14 @@ def submit(args: argparse.Namespace) -> int:
     from jobs.render import partition_note, render_array, render_local
     from jobs.submit import write_run_files
 
-    if args.name:
+    if args.name is not None:
         raise JobsError("--name names one run; a sweep's name is --sweep-name (its elements are NAME-0, NAME-1, ...)")
     if args.max_parallel < 0:
         raise JobsError(f"--max-parallel {args.max_parallel}: must be >= 0 (0: no limit)")
     axes = sweep.parse_axes(args.sweep)
     base = load_profile(args.profile, args.overrides)
     root = runs.runs_root(args.runs_dir)
-    name = args.sweep_name or sweep.default_name(base.name)
+    name = sweep.default_name(base.name) if args.sweep_name is None else args.sweep_name
     if not runs.NAME_RE.match(name):
         raise JobsError(f"sweep name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
     elements = sweep.build_elements(args.profile, args.overrides, axes, name, root)
