@@ -76,6 +76,9 @@ class RunData:
 
 # --------------------------------------------------------------- resolution
 
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
 def runs_root() -> Path:
     return Path(os.environ.get("GRPO_RUNS_DIR") or "runs")
 
@@ -356,8 +359,13 @@ def run(args: argparse.Namespace) -> int:
         except JobsError as exc:  # an unreadable sweep.json
             raise CompareError(str(exc), exc.code) from None
     uri = pick_tracking_uri(args.tracking_uri, tokens)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise CompareError(f"no MLflow database at {uri[len('sqlite:///'):]}")  # MLflow would create one
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise CompareError(f"no MLflow database at {db}")  # MLflow would create one
+        with open(db, "rb") as f:
+            if f.read(16) not in (SQLITE_MAGIC, b""):  # an empty file is a database MLflow sets up
+                raise CompareError(f"{db} is not an SQLite database (not an MLflow store)")
     quiet_http_env()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

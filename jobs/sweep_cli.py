@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import time
@@ -32,8 +33,10 @@ def submit(args: argparse.Namespace) -> int:
     base = load_profile(args.profile, args.overrides)
     root = runs.runs_root(args.runs_dir)
     name = sweep.default_name(base.name) if args.sweep_name is None else args.sweep_name
-    if not runs.NAME_RE.match(name):
-        raise JobsError(f"sweep name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+    last = sweep.element_names(name, math.prod(len(a.values) for a in axes))[-1]  # the longest run name
+    if not runs.NAME_RE.match(name) or not runs.NAME_RE.match(last):
+        raise JobsError(f"sweep name {name[:200]!r}: use letters, digits, '.', '_' and '-', at most "
+                        f"{128 - (len(last) - len(name))} here (its runs are NAME-0 ... NAME{last[len(name):]})")
     elements = sweep.build_elements(args.profile, args.overrides, axes, name, root)
     sweep_run = sweep.spec(elements, root, name)
     local = base.cluster.launcher == "local"

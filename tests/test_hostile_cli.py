@@ -77,6 +77,11 @@ def test_runs_dir_that_is_a_file(cli, argv: list[str], runs_dir: str, here: Path
     (submit.main, ["--dry-run", "--sweep", "optim.lr=1e-5,2e-5", "--sweep-name="], "sweep name ''"),
     (submit.main, ["--dry-run", "--sweep", "optim.lr=1e-5,2e-5", "--name="], "--name names one run"),
     (submit.main, ["--dry-run", "--sweep-name="], "--sweep-name and --max-parallel go with --sweep"),
+    # 127 characters is a run name, but not with "-0" after it: the sweep's name is what is wrong
+    (submit.main, ["--dry-run", "--sweep", "optim.lr=1e-5,2e-5", "--sweep-name", "s" * 127],
+     "at most 126 here (its runs are NAME-0 ... NAME-1)"),
+    (submit.main, ["--dry-run", "--sweep", f"rollout.n={','.join(map(str, range(1, 12)))}", "--sweep-name",
+                   "s" * 126], "at most 125 here (its runs are NAME-0 ... NAME-10)"),
 ])
 def test_flags_out_of_range(cli, argv: list[str], needle: str, here: Path, capsys) -> None:
     before = _tree(here)
@@ -104,3 +109,11 @@ def test_the_hubs_retry_warnings_stay_quiet(monkeypatch: pytest.MonkeyPatch, cap
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
     assert "Retrying" not in capsys.readouterr().err
     assert logging.getLogger("huggingface_hub").level == level
+
+
+def test_compare_a_file_that_is_not_a_database(here: Path, capsys) -> None:
+    from jobs import compare
+
+    assert _exit_code(compare.main, ["--tracking-uri", f"sqlite:///{here / 'afile'}", "x"]) == EXIT_BAD_INPUT
+    assert _one_line(capsys) == f"error: {here / 'afile'} is not an SQLite database (not an MLflow store)"
+    assert (here / "afile").read_text() == "not a directory"
