@@ -199,7 +199,7 @@ def _planner(ctx, cfg, peaks, step_peak, prompt_max, response_max) -> None:
     total = torch.cuda.get_device_properties(0).total_memory / meters.GIB if torch.cuda.is_available() else 80.0
     shape = modelshape.shape_for(cfg.model.path)
     plan = advice.plan(shape, cfg, 1, total, name="grpo_step")
-    observed = advice._with(advice._with(cfg, "data.max_prompt_tokens", prompt_max), "rollout.max_tokens", response_max)
+    observed = advice.with_setting(advice.with_setting(cfg, "data.max_prompt_tokens", prompt_max), "rollout.max_tokens", response_max)
     plan_obs = memory.build("grpo_step", shape, observed, 1, total, memory.Knobs())
     stages = {}
     for st, st_obs in zip(plan.stages, plan_obs.stages):

@@ -21,12 +21,12 @@ def largest_budget(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float
     most = -(-prompts * cfg.rollout.n // gpus) * seq
     sizes = [seq] + list(range(-(-seq // step) * step, most, step)) + [most]
     sizes = sorted(set(x for x in sizes if seq <= x <= most))
-    peak = lambda i: build(name, shape, _with(cfg, key, sizes[i]), gpus, mem, k)  # noqa: E731
+    peak = lambda i: build(name, shape, with_setting(cfg, key, sizes[i]), gpus, mem, k)  # noqa: E731
     lo, hi, best = 0, len(sizes) - 1, None  # the peak grows with the budget: bisect
     while lo <= hi:
         mid = (lo + hi) // 2
         q = peak(mid)
-        if _roomy(q):
+        if roomy(q):
             best, lo = (sizes[mid], q.peak_gib), mid + 1
         else:
             hi = mid - 1
@@ -37,24 +37,25 @@ def fewest_recomputed(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: fl
                       above: int = 0) -> tuple[int, float] | None:
     """The fewest recomputed layers (the first ones; more than `above`, fewer than all, which is
     gradient_checkpointing's own) whose plan keeps SUGGEST_HEADROOM, and its peak; None if none does."""
-    ckpt = _with(cfg, "model.gradient_checkpointing", True)
+    ckpt = with_setting(cfg, "model.gradient_checkpointing", True)
     lo, hi, best = above + 1, shape.layers - 1, None
     while lo <= hi:  # the peak falls with each recomputed layer: bisect
         mid = (lo + hi) // 2
-        q = build(name, shape, _with(ckpt, "model.recompute_layers", mid), gpus, mem, k)
-        if _roomy(q):
+        q = build(name, shape, with_setting(ckpt, "model.recompute_layers", mid), gpus, mem, k)
+        if roomy(q):
             best, hi = (mid, q.peak_gib), mid - 1
         else:
             lo = mid + 1
     return best
 
 
-def _roomy(p: Plan) -> bool:
+def roomy(p: Plan) -> bool:
     """Fits with SUGGEST_HEADROOM: what advice may propose."""
     return p.fits and p.peak_gib <= SUGGEST_HEADROOM * p.gpu_mem_gib
 
 
-def _with(cfg: Any, key: str, value: Any) -> Any:
+def with_setting(cfg: Any, key: str, value: Any) -> Any:
+    """cfg with one dotted key (section.name) set: how every candidate change is tried."""
     section, name = key.split(".")
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
 
@@ -71,34 +72,34 @@ def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: floa
     c: list[tuple[str, Any, int]] = []
     some = fewest_recomputed(name, shape, cfg, gpus, mem, k, m.recompute_layers if m.gradient_checkpointing else 0)
     if some is not None:  # recomputing only the first layers, before recomputing all of them
-        c2 = _with(_with(cfg, "model.gradient_checkpointing", True), "model.recompute_layers", some[0])
+        c2 = with_setting(with_setting(cfg, "model.gradient_checkpointing", True), "model.recompute_layers", some[0])
         switch = "" if m.gradient_checkpointing else "model.gradient_checkpointing=true + "
         c.append((f"{switch}model.recompute_layers={some[0]}", c2, gpus))
     if not m.gradient_checkpointing:
-        c.append(("model.gradient_checkpointing=true", _with(cfg, "model.gradient_checkpointing", True), gpus))
+        c.append(("model.gradient_checkpointing=true", with_setting(cfg, "model.gradient_checkpointing", True), gpus))
     elif m.recompute_layers:
-        c.append(("model.recompute_layers=0", _with(cfg, "model.recompute_layers", 0), gpus))
+        c.append(("model.recompute_layers=0", with_setting(cfg, "model.recompute_layers", 0), gpus))
     for key in ("trainer.micro_batch_tokens", "trainer.logprob_micro_batch_tokens"):  # a budget set: a smaller one
         size = largest_budget(name, shape, cfg, gpus, mem, k, key) if getattr(t, key[8:]) else None
         if size is not None and size[0] < getattr(t, key[8:]):
-            c.append((f"{key}={size[0]}", _with(cfg, key, size[0]), gpus))
+            c.append((f"{key}={size[0]}", with_setting(cfg, key, size[0]), gpus))
     # the largest micro-batch that fits; the log-prob one only when set apart (0 follows the update's)
     for key, current in (("trainer.micro_batch_size", t.micro_batch_size),
                          ("trainer.logprob_micro_batch_size", t.logprob_micro_batch_size)):
         for mb in range(current - 1, 0, -1):
-            c2 = _with(cfg, key, mb)
-            if _roomy(build(name, shape, c2, gpus, mem, k)):
+            c2 = with_setting(cfg, key, mb)
+            if roomy(build(name, shape, c2, gpus, mem, k)):
                 c.append((f"{key}={mb}", c2, gpus))
                 break
     if r.sleep_level == 0:
-        c.append(("rollout.sleep_level=1", _with(cfg, "rollout.sleep_level", 1), gpus))
+        c.append(("rollout.sleep_level=1", with_setting(cfg, "rollout.sleep_level", 1), gpus))
     for key in ("trainer.optimizer_offload", "trainer.param_offload"):  # on: GPU -> host; off: host -> GPU
-        c.append((f"{key}={str(not getattr(t, key[8:])).lower()}", _with(cfg, key, not getattr(t, key[8:])), gpus))
+        c.append((f"{key}={str(not getattr(t, key[8:])).lower()}", with_setting(cfg, key, not getattr(t, key[8:])), gpus))
     if r.sleep_level == 1:  # no host backup of vLLM's weights; sync rewrites them anyway
-        c.append(("rollout.sleep_level=2", _with(cfg, "rollout.sleep_level", 2), gpus))
+        c.append(("rollout.sleep_level=2", with_setting(cfg, "rollout.sleep_level", 2), gpus))
     for u in sorted((u / 100 for u in range(5, 96)), key=lambda u: abs(u - r.gpu_memory_utilization)):
-        c2 = _with(cfg, "rollout.gpu_memory_utilization", u)
-        if u != r.gpu_memory_utilization and _roomy(build(name, shape, c2, gpus, mem, k)):
+        c2 = with_setting(cfg, "rollout.gpu_memory_utilization", u)
+        if u != r.gpu_memory_utilization and roomy(build(name, shape, c2, gpus, mem, k)):
             c.append((f"rollout.gpu_memory_utilization={u:.2f}", c2, gpus))  # the nearest that fits
             break
     return c + [(f"use {g} GPUs", cfg, g) for g in (2 * gpus, 4 * gpus, 8 * gpus)]
@@ -109,9 +110,9 @@ def _partial_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: flo
     c = _single_changes(name, shape, cfg, gpus, mem, k)
     if cfg.trainer.micro_batch_size > 1:
         mb = cfg.trainer.micro_batch_size // 2
-        c.append((f"trainer.micro_batch_size={mb}", _with(cfg, "trainer.micro_batch_size", mb), gpus))
+        c.append((f"trainer.micro_batch_size={mb}", with_setting(cfg, "trainer.micro_batch_size", mb), gpus))
     for u in range(round(cfg.rollout.gpu_memory_utilization * 100) + 1, 96):
-        c2 = _with(cfg, "rollout.gpu_memory_utilization", u / 100)
+        c2 = with_setting(cfg, "rollout.gpu_memory_utilization", u / 100)
         q = build(name, shape, c2, gpus, mem, k)
         if q.kv_tokens >= q.seq_len:
             c.append((f"rollout.gpu_memory_utilization={u / 100:.2f}", c2, gpus))
@@ -124,7 +125,7 @@ def _fitting(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: K
     for label, c2, g in _single_changes(name, shape, cfg, gpus, mem, k):
         q = build(name, shape, c2, g, mem, k)
         group = label.split("=")[0].split(" ")[0]  # only the smallest TP / GPU count that fits
-        if _roomy(q) and not any(f.startswith(group) for f, _ in out):
+        if roomy(q) and not any(f.startswith(group) for f, _ in out):
             out.append((label, q.peak_gib))
     return out
 
@@ -154,13 +155,13 @@ def plan(shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float, knobs: Knob
     r = cfg.rollout
     if p.fits:
         p.notes += _sizing_notes(name, shape, cfg, gpus, gpu_mem_gib, knobs, tune)
-        if not _roomy(p):
+        if not roomy(p):
             p.notes.append(f"the peak is {100 * p.peak_gib / gpu_mem_gib:.1f}% of the GPU: less than "
                            f"{100 * (1 - SUGGEST_HEADROOM):.0f}% headroom for allocator spikes the model does not see")
         if p.kv_tokens < p.seq_len * r.max_num_seqs:  # headroom could go to the KV cache (rollout throughput)
             for u in range(95, round(r.gpu_memory_utilization * 100), -1):
-                q = build(name, shape, _with(cfg, "rollout.gpu_memory_utilization", u / 100), gpus, gpu_mem_gib, knobs)
-                if _roomy(q):
+                q = build(name, shape, with_setting(cfg, "rollout.gpu_memory_utilization", u / 100), gpus, gpu_mem_gib, knobs)
+                if roomy(q):
                     p.notes.append(f"rollout.gpu_memory_utilization={u / 100:.2f} still fits (peak {q.peak_gib:.1f} GiB):"
                                    f" KV cache for {q.kv_tokens // q.seq_len} full-length sequences")
                     break

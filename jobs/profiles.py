@@ -20,8 +20,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from grpo_core.config import (ConfigError, TrainConfig, apply_overrides, build, check_layout, check_text, locate,
-                              read_yaml, to_dict, validate, yaml_lines)
+from grpo_core.config import TrainConfig, check_layout, validate
+from grpo_core.strictconf import (ConfigError, apply_overrides, build, check_text, locate, read_yaml, to_dict,
+                                  yaml_lines)
 from grpo_core.secrecy import looks_secret, secret_in
 from grpo_core.walltime import TIME_FORMS, limit_minutes, parse_time_limit
 

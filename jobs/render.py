@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 from submitit.slurm import slurm as submitit_slurm
 
-from grpo_core.config import has_control_chars
+from grpo_core.strictconf import has_control_chars
 from grpo_core.secrecy import secret_in
 from jobs.profiles import SLURM_PATH_RE, TEMPLATES_DIR, Profile
 from jobs.runs import NAME_RE, JobsError

@@ -86,7 +86,7 @@ def resolve_run(name_or_path: str, root: Path) -> Path:
 
 
 def cli_text_bad(text: str) -> bool:
-    from grpo_core.config import has_control_chars
+    from grpo_core.strictconf import has_control_chars
 
     return not text or has_control_chars(text)
 

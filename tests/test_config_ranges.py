@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from grpo_core import train
-from grpo_core.config import TrainConfig, yaml_lines
+from grpo_core.config import TrainConfig
+from grpo_core.strictconf import yaml_lines
 from grpo_core.exitcodes import EXIT_BAD_INPUT
 from jobs import submit
 

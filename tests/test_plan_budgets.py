@@ -84,5 +84,5 @@ def test_the_fewest_recomputed_layers_respect_the_current_setting():
     k, peak = advice.fewest_recomputed("", Q14, c, 2, 140.0, memory.Knobs())
     assert 0 < k < Q14.layers and peak <= memory.SUGGEST_HEADROOM * 140
     fewer = with_change(with_change(c, "model.gradient_checkpointing=true"), f"model.recompute_layers={k - 1}")
-    assert not advice._roomy(advice.plan(Q14, fewer, 2, 140.0))
+    assert not advice.roomy(advice.plan(Q14, fewer, 2, 140.0))
     assert advice.fewest_recomputed("", Q14, c, 2, 140.0, memory.Knobs(), above=k)[0] == k + 1  # more than set
