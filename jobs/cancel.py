@@ -21,7 +21,11 @@ def cancel(run_dir: Path) -> str:
     job = runs.last_job(info)
     if not job:
         raise JobsError(f"run {run_dir.name} has no job to cancel")
-    state = runs.job_state(info, run_dir)
+    try:
+        state = runs.job_state(info, run_dir)
+    except (ValueError, TypeError, KeyError) as exc:  # a hand-edited or foreign run.json
+        raise JobsError(f"{run_dir / 'run.json'}: unreadable job record ({type(exc).__name__}: "
+                        f"{runs.one_line(str(exc))}); nothing changed") from None
     if state == "UNKNOWN":
         raise JobsError(f"cannot reach Slurm to ask about job {job['id']}; nothing changed")
     if state not in runs.ACTIVE:

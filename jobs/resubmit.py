@@ -29,7 +29,8 @@ def resubmit(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Profile, Run
     info = runs.read_json(run_dir / "run.json")
     v = runs.view(run_dir)
     if v.state not in RESUMABLE:
-        hint = {"finished": "nothing to resume", "unknown": "Slurm did not answer; try again"}.get(
+        hint = {"finished": "nothing to resume", "unknown": "Slurm did not answer; try again",
+                "unreadable": f"its files are unreadable: {v.error}"}.get(
             v.state, f"cancel it first: python -m jobs.cancel {v.name}")
         raise JobsError(f"run {v.name} is {v.state} (job {v.job_id} {v.job_state}); {hint}")
     profile = load_resolved(run_dir / "profile.yaml", overrides)

@@ -117,3 +117,17 @@ def test_compare_a_file_that_is_not_a_database(here: Path, capsys) -> None:
     assert _exit_code(compare.main, ["--tracking-uri", f"sqlite:///{here / 'afile'}", "x"]) == EXIT_BAD_INPUT
     assert _one_line(capsys) == f"error: {here / 'afile'} is not an SQLite database (not an MLflow store)"
     assert (here / "afile").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("record", ['{"name": "r", "launcher": "lo', "[1, 2]",
+                                    '{"name": "r", "launcher": "local", "jobs": [{"id": "local-1", "pid": "abc"}]}'],
+                         ids=["torn", "a-list", "foreign-pid"])
+@pytest.mark.parametrize("cli", [cancel.main, resubmit.main], ids=["cancel", "resubmit"])
+def test_cancel_and_resubmit_a_run_with_an_unreadable_run_json(cli, record: str, here: Path, capsys) -> None:
+    """One line naming the file's problem, exit 2, run.json untouched (a foreign pid was a traceback)."""
+    run = here / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(record)
+    assert _exit_code(cli, ["--runs-dir", str(here / "runs"), "r"]) == EXIT_BAD_INPUT
+    assert "unreadable" in _one_line(capsys)
+    assert (run / "run.json").read_text() == record and _tree(here / "runs") == ["r", "r/run.json"]
