@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .config import ConfigError, check_layout, validate
 from .memory import SUGGEST_HEADROOM, Knobs, Plan, build
 from .modelshape import ModelShape
 
@@ -102,7 +103,18 @@ def _single_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: floa
         if u != r.gpu_memory_utilization and roomy(build(name, shape, c2, gpus, mem, k)):
             c.append((f"rollout.gpu_memory_utilization={u:.2f}", c2, gpus))  # the nearest that fits
             break
-    return c + [(f"use {g} GPUs", cfg, g) for g in (2 * gpus, 4 * gpus, 8 * gpus)]
+    return [x for x in c + [(f"use {g} GPUs", cfg, g) for g in (2 * gpus, 4 * gpus, 8 * gpus)] if _accepted(x)]
+
+
+def _accepted(change: tuple[str, Any, int]) -> bool:
+    """Advice is pasted as printed: a change the same command would refuse (config.validate, the
+    rollout layout for that many ranks; e.g. param_offload with a shared base) is never offered."""
+    _label, cfg, gpus = change
+    try:
+        check_layout(validate(cfg), gpus)
+    except ConfigError:
+        return False
+    return True
 
 
 def _partial_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs) -> list[tuple[str, Any, int]]:
@@ -117,7 +129,7 @@ def _partial_changes(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: flo
         if q.kv_tokens >= q.seq_len:
             c.append((f"rollout.gpu_memory_utilization={u / 100:.2f}", c2, gpus))
             break
-    return c
+    return [x for x in c if _accepted(x)]
 
 
 def _fitting(name: str, shape: ModelShape, cfg: Any, gpus: int, mem: float, k: Knobs) -> list[tuple[str, float]]:

@@ -24,6 +24,9 @@ def _suggested(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int
     ["--profile", "h100x2", "train.trainer.micro_batch_tokens=400000", "train.trainer.pack_sequences=true",
      "train.model.share_base_weights=false"],
     ["--profile", "h100x2", "train.model.gradient_checkpointing=false"],  # recompute only some layers
+    # h100x2 shares its base with vLLM, which refuses param_offload: advice must not offer it
+    ["--profile", "h100x2", "train.trainer.micro_batch_size=64"],
+    ["--profile", "h100x2", "train.trainer.micro_batch_tokens=400000", "train.trainer.pack_sequences=true"],
 ])
 def test_every_suggestion_pastes_into_the_same_command_and_keeps_headroom(argv, capsys, tmp_path) -> None:
     code, out, fixes = _suggested(capsys, argv)
