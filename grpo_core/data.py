@@ -62,8 +62,12 @@ def _example(row: Any, where: str) -> Example:
 
 def _read_jsonl(path: Path) -> list[Example]:
     examples = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:  # by line, so the message can say which
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") from None
             if not line.strip():
                 continue  # tolerate blank lines, e.g. a trailing newline
             try:

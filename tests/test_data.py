@@ -52,6 +52,14 @@ def test_malformed_line_names_file_and_line(tmp_path: Path) -> None:
     assert f"{f}:3:" in one_line_error(str(f))
 
 
+def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    """Was a UnicodeDecodeError traceback (exit 1)."""
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"question": "1+1", "answer": "#### 2"}\n{"question": "\xff", "answer": "#### 3"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: not UTF-8 text \(invalid start byte at byte 14 of the line\)$"):
+        load_gsm8k(str(path), "train")
+
+
 def test_missing_field_names_file_line_and_field(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "answer": "#### 1"}, {"question": "q"}])
     message = one_line_error(str(f))
