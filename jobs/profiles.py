@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from grpo_core.config import TrainConfig, check_layout, validate
+from grpo_core.config import INT_MAX, TrainConfig, check_layout, validate
 from grpo_core.strictconf import (ConfigError, apply_overrides, build, check_text, locate, read_yaml, to_dict,
                                   yaml_lines)
 from grpo_core.secrecy import looks_secret, secret_in
@@ -303,6 +303,9 @@ def _check_cluster(c: ClusterConfig, train: TrainConfig) -> None:
     for key in ("gpus_per_node", "cpus_per_task", "max_requeues"):
         if getattr(c, key) < 0:
             raise ConfigError(f"cluster.{key}={getattr(c, key)} must be >= 0")
+    for key in ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "max_requeues"):
+        if getattr(c, key) > INT_MAX:  # sbatch and submitit read them as C ints
+            raise ConfigError(f"cluster.{key}={getattr(c, key)} must be at most {INT_MAX}")
     # Slurm's --signal accepts at most 65535 s, and a lead as long as the job never lets it run.
     if c.signal_lead_s > min(65535, c.time_min * 60 // 2):
         raise ConfigError(f"cluster.signal_lead_s={c.signal_lead_s} must be at most half of cluster.time "

@@ -114,3 +114,24 @@ def test_a_number_too_long_to_read(tmp_path: Path, capsys, monkeypatch) -> None:
     assert train.main(["model.path=x", f"trainer.seed={'9' * 5000}", "--show-config"]) == EXIT_BAD_INPUT
     assert _error_line(capsys).endswith("... (5002 characters)")
     assert list(tmp_path.iterdir()) == [path]
+
+
+# The cluster's counts (jobs/profiles.py), through jobs.submit: label -> accepted.
+CLUSTER_ZERO_OK = {"gpus_per_node", "cpus_per_task", "max_requeues"}
+
+
+@pytest.mark.parametrize("key", ["nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "signal_lead_s",
+                                 "max_requeues"])
+@pytest.mark.parametrize("label", list(VALUES))
+def test_cluster_counts(key: str, label: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["--profile", "slurm-cpu", "--name", "r", "--runs-dir", str(tmp_path / "runs"), "--dry-run",
+            f"cluster.{key}={VALUES[label][0]}"]
+    if label == "0" and key in CLUSTER_ZERO_OK:
+        assert submit.main(argv) == 0, capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit) as info:
+            submit.main(argv)
+        line = _error_line(capsys)
+        assert info.value.code == EXIT_BAD_INPUT and f"cluster.{key}" in line, line
+    assert not list(tmp_path.iterdir())
