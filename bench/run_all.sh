@@ -15,7 +15,10 @@
 #   BENCH_ONLY        subset, space separated: "train_step train_step_nockpt planner_check suite gpu_checks"
 #                     (the default), or "fullft" (h800x4 recipe, depth-reduced 14B, ~540 s), "learning"
 #                     (the learning check, LoRA on a shared base, <= 300 s), "learning_full" (full FT, <= 300 s):
-#                     each of the last three needs a 10-minute run of its own
+#                     each of the last three needs a 10-minute run of its own; "trl" (TRL's GRPOTrainer on
+#                     grpo_step's work, bench/trl_grpo.py, <= 560 s; installs the TRL carry first, bench/install_trl.sh)
+#   BENCH_TRL_ARGS    extra args for bench.trl_grpo only (e.g. "--ours bench/results/h200/<date>-<n> --steps 2")
+#   TRL_SITE          --tiny: a dir holding trl (pip install --no-deps --target DIR trl==1.16.0), put on PYTHONPATH
 #   BENCH_FULLFT_ARGS extra args for bench.fullft only (e.g. "--layers 6 --enforce-eager")
 #   BENCH_LEARNING_ARGS extra args for both bench.learning runs (e.g. "--steps 300")
 #   BENCH_DEADLINE_S  wall budget for the whole run (default 560; --tiny 1500); each process gets
@@ -52,6 +55,13 @@ if [ $TINY = 0 ] && [ ! -d "$VLLM_SITE/vllm" ] && [ -d /tmp/parts ]; then
   say "installing the vLLM bundle from /tmp/parts into $VLLM_SITE"
   PYTHON=$PYTHON bash bench/install_vllm_bundle.sh "$VLLM_SITE" >> "$LOG" 2>&1 || say "bundle install FAILED (see log)"
 fi
+case " ${BENCH_ONLY:-} " in *" trl "*)
+  if [ $TINY = 0 ]; then
+    say "installing the TRL carry into $VLLM_SITE"
+    PYTHON=$PYTHON bash bench/install_trl.sh "$VLLM_SITE" >> "$LOG" 2>&1 || say "TRL install FAILED (see log)"
+  fi ;;
+esac
+[ -n "${TRL_SITE:-}" ] && export PYTHONPATH="$TRL_SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$VLLM_SITE/vllm" ]; then
   export PYTHONPATH="$REPO:$VLLM_SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
@@ -69,6 +79,8 @@ if [ $TINY = 1 ]; then DEADLINE=${BENCH_DEADLINE_S:-1500}; CAP=600; else DEADLIN
 # fullft starts a vLLM engine and moves ~13 GiB of offloaded state per pass: its own cap; the
 # learning checks stop at their target (bench/learning.py --stop-at) within 300 s
 if [ $TINY = 1 ]; then FULLFT_CAP=600; LEARN_CAP=600; LEARN_TINY=(--steps 6 --no-verdict); else FULLFT_CAP=545; LEARN_CAP=300; LEARN_TINY=(); fi
+# TRL: weights saved for its vLLM (~29 GiB), engine start, then steps of ~4-5 min each (estimated): its own cap
+if [ $TINY = 1 ]; then TRL_CAP=1500; else TRL_CAP=560; fi
 ONLY=${BENCH_ONLY:-"train_step train_step_nockpt planner_check suite gpu_checks"}
 # The recipe's recomputation choice and the one the shared base leaves room for.
 NOCKPT="model.gradient_checkpointing=false"
@@ -108,6 +120,8 @@ run fullft "$FULLFT_CAP" bench.fullft "$@" ${BENCH_FULLFT_ARGS:-}
 run learning "$LEARN_CAP" bench.learning --mode lora "${LEARN_TINY[@]}" "$@" ${BENCH_LEARNING_ARGS:-}
 # shellcheck disable=SC2086
 run learning_full "$LEARN_CAP" bench.learning --mode full "${LEARN_TINY[@]}" "$@" ${BENCH_LEARNING_ARGS:-}
+# shellcheck disable=SC2086
+run trl "$TRL_CAP" bench.trl_grpo "$@" ${BENCH_TRL_ARGS:-}
 
 "$PYTHON" -m bench.summary "$RESULTS" >> "$LOG" 2>&1 || say "summary failed"
 say "done in $(( $(date +%s) - START ))s; failed:${FAILED:- none}"

@@ -43,3 +43,29 @@ def test_shaped_lengths_are_seeded_per_prompt_clipped_and_ignore_eos() -> None:
     shaped.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=300, seeds=[7, 8, 9])
     assert engine.calls[-1][0] == [16, 16, 16]
     assert shaped.lora_rank == 8 and shaped.last[0] == prompts  # the rest is the engine's
+
+
+def test_trl_records_skip_the_warmup_and_divide_ours_by_trl(tmp_path) -> None:
+    import json
+
+    from bench import trl_grpo
+
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "grpo_step_tokens_per_s_per_gpu.json").write_text(json.dumps({"value": 3000.0, "hardware": "H200"}))
+    (ours / "grpo_step_peak_gib.json").write_text(json.dumps({"value": 60.0}))
+    step = lambda i, s, tok, peak: {"step": i, "seconds": s, "tokens": tok, "peak_device_gib": peak,  # noqa: E731
+                                    "peak_allocated_gib": peak - 1, "peak_reserved_gib": peak}
+    # step 1 is the warm-up: out of the rate, not of the peak
+    steps = [step(1, 100.0, 1000, 90.0), step(2, 200.0, 160_000, 70.0), step(3, 200.0, 240_000, 75.0)]
+    trl_grpo.write_records(tmp_path, ours, steps, {}, "nvml")
+    rate = json.loads((tmp_path / "trl_grpo_step_tokens_per_s_per_gpu.json").read_text())
+    assert rate["value"] == 1000.0 and rate["baseline_value"] == 3000.0 and rate["measured_steps"] == [2, 3]
+    assert json.loads((tmp_path / "trl_grpo_step_peak_gib.json").read_text())["value"] == 90.0
+    vs = json.loads((tmp_path / "vs_trl_grpo_step_ratio.json").read_text())
+    assert vs["value"] == 3.0 and vs["ratio"] == 1.0 and vs["ours_hardware"] == "H200"
+    # without ours: TRL's figures alone, no ratio
+    other = tmp_path / "alone"
+    trl_grpo.write_records(other, tmp_path / "nowhere", steps[:1], {}, "rss")
+    assert json.loads((other / "trl_grpo_step_tokens_per_s_per_gpu.json").read_text())["value"] == 10.0
+    assert not (other / "vs_trl_grpo_step_ratio.json").exists()
