@@ -25,7 +25,7 @@ state.num_input_tokens_seen), and the record gives the generated lengths.
 
 TRL's colocated vLLM loads the model from `model.name_or_path` (it has no
 load_format option), so the random-init model is saved once (bf16, ~29 GiB
-for the 14B shape) to --weights-dir first; TRL then pushes the merged
+for the 14B shape) to --weights-dir first, removed once the engine holds it; TRL then pushes the merged
 LoRA weights into vLLM every step (its design), which is part of its step.
 
 Whole steps are timed by a TrainerCallback (on_step_begin .. on_step_end,
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -56,14 +57,14 @@ def parse():
                    help="TRL's per_device_train_batch_size (default 10; tiny 5); gradient accumulation makes up the 116 x 5")
     p.add_argument("--completion-length", type=int, default=None, help="max_completion_length (default 400, ours' max; tiny 20)")
     p.add_argument("--ignore-eos", action=argparse_bool(), default=True, help="force every row to max_completion_length")
-    p.add_argument("--vllm", action=argparse_bool(), default=None,
-                   help="vLLM colocated (default: on the GPU; off with --tiny: see bench/README.md)")
+    p.add_argument("--vllm", action=argparse_bool(), default=True,
+                   help="vLLM colocated (default; --no-vllm: TRL's HF generate)")
     p.add_argument("--gpu-mem-util", type=float, default=0.4, help="vllm_gpu_memory_utilization (ours runs at 0.4)")
     p.add_argument("--sleep-mode", action=argparse_bool(), default=False, help="vllm_enable_sleep_mode")
     p.add_argument("--ours", default=os.environ.get("BENCH_OURS", ""),
                    help="results dir holding ours' grpo_step_tokens_per_s_per_gpu.json and grpo_step_peak_gib.json "
                         "(default: $BENCH_OURS, else the results dir): each device run has an empty $OUT")
-    p.add_argument("--weights-dir", default=None, help="where the dummy weights are saved for vLLM (default: a temp dir)")
+    p.add_argument("--weights-dir", default=None, help="where the dummy weights are saved for vLLM (default: beside the shape dir); removed once loaded")
     return p.parse_args()
 
 
@@ -166,7 +167,7 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="trl-grpo-"))
     cfg = common.recipe(args.profile, common.bench_overrides(model_path=model_dir, tiny=args.tiny, data=data,
                                                              run_dir=run_dir) + args.set)
-    use_vllm = (not args.tiny) if args.vllm is None else args.vllm
+    use_vllm = args.vllm
     length = args.completion_length or (20 if args.tiny else 400)
     micro = args.micro or (5 if args.tiny else 10)
     seqs = cfg.trainer.prompts_per_step * cfg.rollout.n
@@ -181,12 +182,15 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
     save_s = 0.0
     if use_vllm:  # TRL's colocated LLM(model=model.name_or_path) needs weights on disk
-        wdir = Path(args.weights_dir or tempfile.mkdtemp(prefix="trl-weights-"))
+        # one fixed place, emptied first and removed once vLLM has loaded it: a 14B copy is ~29 GiB of a
+        # 64 GiB device disk, and a run killed midway must not leave a second one behind the next
+        wdir = Path(args.weights_dir or Path(args.shape_cache) / f"{model_dir.name}-trl-weights")
+        shutil.rmtree(wdir, ignore_errors=True)
         t0 = time.perf_counter()
         model.save_pretrained(wdir, max_shard_size="5GB")
         tokenizer.save_pretrained(wdir)
         save_s = time.perf_counter() - t0
-        model.config._name_or_path = str(wdir)
+        model.name_or_path = model.config.name_or_path = str(wdir)  # the model copies it at init
     task, dataset = prompts_dataset(cfg, tokenizer, args.seed)
 
     def reward(completions, ground_truth, completion_ids, **kw):
@@ -234,6 +238,8 @@ def main() -> None:
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=targs, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[Callback()])
     setting["trainer_init_s"] = time.perf_counter() - t0
+    if use_vllm:  # TRL pushes the trainer's weights into vLLM from here on; the files are not read again
+        shutil.rmtree(wdir, ignore_errors=True)
     print(f"[bench] trl {trl_version}: trainer built in {setting['trainer_init_s']:.1f} s "
           f"(weights saved in {save_s:.1f} s); vllm={use_vllm}", flush=True)
     trainer.train()
