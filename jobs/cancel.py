@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Sequence
 
 from grpo_core.cli import ArgumentParser
+from grpo_core import rundir
 from jobs import runs, sweep
-from jobs.runs import JobsError, RunFileError
+from grpo_core.rundir import RunFileError
+from jobs.runs import JobsError
 
 
 def cancel(run_dir: Path) -> str:
@@ -33,7 +35,7 @@ def cancel(run_dir: Path) -> str:
     if info.get("launcher") == "slurm":
         runs.require_tool("scancel")
     previous = info.get("cancel_requested")
-    runs.write_json_atomic(run_dir / "run.json", {**info, "cancel_requested": runs.now_iso()})
+    rundir.write_json_atomic(run_dir / "run.json", {**info, "cancel_requested": runs.now_iso()})
     try:
         if info.get("launcher") == "local":
             os.killpg(int(job["pid"]), signal.SIGTERM)  # the trainer checkpoints, then exits
@@ -42,7 +44,7 @@ def cancel(run_dir: Path) -> str:
             if out.returncode != 0:
                 raise JobsError(f"scancel {job['id']} failed: {runs.one_line(out.stderr)}")
     except (JobsError, OSError) as exc:
-        runs.write_json_atomic(run_dir / "run.json", {**info, "cancel_requested": previous})  # undo
+        rundir.write_json_atomic(run_dir / "run.json", {**info, "cancel_requested": previous})  # undo
         raise JobsError(str(exc)) from None
     return f"cancelled run {run_dir.name} (job {job['id']}); resume with: python -m jobs.resubmit {run_dir.name}"
 

@@ -16,7 +16,9 @@ from grpo_core.config import ConfigError
 from jobs import runs, sweep
 from jobs.profiles import Profile, load_resolved
 from jobs.render import RunSpec
-from jobs.runs import JobsError, RunFileError
+from jobs.runs import JobsError
+from grpo_core.rundir import RunFileError
+from grpo_core import rundir
 from jobs.submit import print_started, start_job, write_run_files
 
 RESUMABLE = ("stopped", "failed", "cancelled")
@@ -40,11 +42,11 @@ def resubmit(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Profile, Run
         runs.require_tool("sbatch")
         runs.require_tool("srun")
     # Clear the marker before the job can start and read it; put it back if submission fails.
-    runs.write_json_atomic(run_dir / "run.json", {**info, "cancel_requested": None})
+    rundir.write_json_atomic(run_dir / "run.json", {**info, "cancel_requested": None})
     try:
         info = start_job(profile, run, {**info, "cancel_requested": None}, how="resubmit")
     except BaseException:
-        runs.write_json_atomic(run_dir / "run.json", info)
+        rundir.write_json_atomic(run_dir / "run.json", info)
         raise
     if overrides:
         write_run_files(profile, run)  # the job reads only train.yaml, which cluster.* cannot change

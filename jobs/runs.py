@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Sequence
 
 from grpo_core import cli
 from grpo_core.exitcodes import EXIT_BAD_INPUT, EXIT_ENVIRONMENT
-from grpo_core.rundir import RunFileError, read_json, write_json_atomic  # noqa: F401 - jobs.* use them as runs.*
+from grpo_core.rundir import read_json
 
 RUNS_ENV = "GRPO_RUNS_DIR"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

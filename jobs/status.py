@@ -21,7 +21,8 @@ from grpo_core import progress
 from grpo_core.cli import ArgumentParser
 from grpo_core.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from jobs import runs, sweep, sweep_cli
-from jobs.runs import JobsError, RunFileError, RunView
+from jobs.runs import JobsError, RunView
+from grpo_core.rundir import RunFileError
 
 DONE = ("finished", "stopped", "cancelled", "failed")
 POLL_S = 2.0

@@ -28,7 +28,9 @@ from jobs.launch import Launch
 from jobs.profiles import (BUILTIN_DIR, PROFILES_ENV, Profile, describe, dump_profile, key_reference, list_profiles,
                            load_profile, replace_train)
 from jobs.render import RunSpec, partition_note, python_command, render_sbatch, submitit_parameters
-from jobs.runs import JobsError, RunFileError
+from jobs.runs import JobsError
+from grpo_core.rundir import RunFileError
+from grpo_core import rundir
 
 
 def default_name(profile: str) -> str:
@@ -96,7 +98,7 @@ def start_job(profile: Profile, run: RunSpec, info: dict, how: str) -> dict:
     else:
         entry["id"] = _submit_slurm(profile, run, script)
     info = {**info, "jobs": [*info.get("jobs", []), entry]}
-    runs.write_json_atomic(Path(run.run_dir) / "run.json", info)
+    rundir.write_json_atomic(Path(run.run_dir) / "run.json", info)
     return info
 
 

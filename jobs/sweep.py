@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from grpo_core.config import to_dict
+from grpo_core import rundir
 from jobs import runs
 from jobs.profiles import Profile, load_profile, load_resolved
 from jobs.runs import JobsError
@@ -162,7 +163,7 @@ def recent(root: Path, limit: int = 20) -> list[Path]:
 
 def add_job(sweep_dir: Path, entry: dict[str, Any]) -> None:
     info = read(sweep_dir)
-    runs.write_json_atomic(sweep_dir / SWEEP_FILE, {**info, "jobs": [*info.get("jobs", []), entry]})
+    rundir.write_json_atomic(sweep_dir / SWEEP_FILE, {**info, "jobs": [*info.get("jobs", []), entry]})
 
 
 # ---------------------------------------------------------------- starting
@@ -199,7 +200,7 @@ def submit_array(profile: Profile, sweep_run: RunSpec, elements: Sequence[tuple[
         info = runs.read_json(Path(run.run_dir) / "run.json")
         entry = {"id": str(job.job_id), "submitted": stamp, "how": how, "slurm_dir": sweep_run.slurm_dir,
                  "sweep_job": array_id}
-        runs.write_json_atomic(Path(run.run_dir) / "run.json", {**info, "jobs": [*info.get("jobs", []), entry]})
+        rundir.write_json_atomic(Path(run.run_dir) / "run.json", {**info, "jobs": [*info.get("jobs", []), entry]})
     entry = {"id": array_id, "submitted": stamp, "how": how,
              "elements": [Path(run.run_dir).name for _, run in elements]}
     add_job(Path(sweep_run.run_dir), entry)
@@ -240,7 +241,7 @@ def run_local(sweep_dir: Path, how: str, names: Sequence[str]) -> int:
         info = start_job(profile, run, info, how=how)
         # Which sweep job started it: a follower tells this start from an earlier one.
         info["jobs"][-1]["sweep_job"] = f"local-{os.getpid()}"
-        runs.write_json_atomic(run_dir / "run.json", info)
+        rundir.write_json_atomic(run_dir / "run.json", info)
         pid = int(runs.last_job(info)["pid"])
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
@@ -248,7 +249,7 @@ def run_local(sweep_dir: Path, how: str, names: Sequence[str]) -> int:
         if code == EXIT_PREEMPTED:  # stopped by a signal (Ctrl-C, jobs.cancel): the rest waits too
             for rest in names[i + 1:]:
                 info = runs.read_json(sweep_dir.parent / rest / "run.json")
-                runs.write_json_atomic(sweep_dir.parent / rest / "run.json", {**info, "cancel_requested": runs.now_iso()})
+                rundir.write_json_atomic(sweep_dir.parent / rest / "run.json", {**info, "cancel_requested": runs.now_iso()})
             print(f"[grpo-sweep] stopped; resume with: python -m jobs.resubmit {sweep_dir.name}", flush=True)
             return code
     return 0

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from grpo_core import rundir
 from jobs import runs, sweep
 from jobs.profiles import load_profile, load_resolved
 from jobs.render import RunSpec
@@ -62,7 +63,7 @@ def submit(args: argparse.Namespace) -> int:
     Path(sweep_run.run_dir).mkdir(parents=True)  # claims the name: a second submit of it stops here
     created = [Path(sweep_run.run_dir)]
     try:
-        runs.write_json_atomic(Path(sweep_run.run_dir) / sweep.SWEEP_FILE, {
+        rundir.write_json_atomic(Path(sweep_run.run_dir) / sweep.SWEEP_FILE, {
             "name": name, "profile": base.name, "launcher": base.cluster.launcher, "created": runs.now_iso(),
             "axes": [{"key": a.key, "values": list(a.values)} for a in axes], "max_parallel": args.max_parallel,
             "elements": [{"name": e.name, "values": e.values} for e in elements], "jobs": [],
@@ -71,7 +72,7 @@ def submit(args: argparse.Namespace) -> int:
             Path(e.run.run_dir).mkdir(parents=True)
             created.append(Path(e.run.run_dir))
             write_run_files(e.profile, e.run)
-            runs.write_json_atomic(Path(e.run.run_dir) / "run.json", {
+            rundir.write_json_atomic(Path(e.run.run_dir) / "run.json", {
                 "name": e.name, "profile": e.profile.name, "launcher": e.profile.cluster.launcher,
                 "run_dir": e.run.run_dir, "workdir": e.run.workdir, "python": e.run.python,
                 "created": runs.now_iso(), "cancel_requested": None, "jobs": [],
@@ -179,11 +180,11 @@ def cancel(sweep_dir: Path) -> list[str]:
         if state in runs.ACTIVE:
             said.append(cancel_run(run_dir))
         elif state == "NONE" and not run_info.get("cancel_requested"):
-            runs.write_json_atomic(run_dir / "run.json", {**run_info, "cancel_requested": runs.now_iso()})
+            rundir.write_json_atomic(run_dir / "run.json", {**run_info, "cancel_requested": runs.now_iso()})
             said.append(f"cancelled run {run_dir.name} (not started)")
     if not said:
         raise JobsError(f"sweep {sweep_dir.name}: no element is queued or running; nothing to cancel")
-    runs.write_json_atomic(sweep_dir / sweep.SWEEP_FILE, {**info, "cancel_requested": runs.now_iso()})
+    rundir.write_json_atomic(sweep_dir / sweep.SWEEP_FILE, {**info, "cancel_requested": runs.now_iso()})
     return said + [f"resume with: python -m jobs.resubmit {sweep_dir.name}"]
 
 
@@ -210,7 +211,7 @@ def resubmit(sweep_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
                       python=str(run_info["python"]))
         if overrides:
             write_run_files(profile, run)
-        runs.write_json_atomic(run_dir / "run.json", {**run_info, "cancel_requested": None})
+        rundir.write_json_atomic(run_dir / "run.json", {**run_info, "cancel_requested": None})
         elements.append((profile, run))
     sweep_run = RunSpec(name=sweep_dir.name, run_dir=str(sweep_dir), workdir=elements[0][1].workdir,
                         python=elements[0][1].python)
@@ -224,7 +225,7 @@ def resubmit(sweep_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
         for run_dir, text in before.items():  # the cancel markers back: nothing changed
             (run_dir / "run.json").write_text(text)
         raise
-    runs.write_json_atomic(sweep_dir / sweep.SWEEP_FILE, {**sweep.read(sweep_dir), "cancel_requested": None})
+    rundir.write_json_atomic(sweep_dir / sweep.SWEEP_FILE, {**sweep.read(sweep_dir), "cancel_requested": None})
     lines = [f"resubmitted {len(elements)} of sweep {sweep_dir.name} as job {job['id']}: "
              + ", ".join(r.name for _, r in elements)]
     lines += [f"left alone: {v.name} ({v.state})" for _, v in skipped]

@@ -60,16 +60,17 @@ def test_live_bar_on_a_terminal() -> None:
 def test_follow_from_anywhere(tmp_path: Path, monkeypatch) -> None:
     """`jobs.status --follow RUN_DIR` from another folder: the progress lines, the log's own
     messages, and it returns when the run ends."""
+    from grpo_core import rundir
     from jobs import runs, status
 
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
-    runs.write_json_atomic(run_dir / "run.json", {"name": "r1", "launcher": "local", "run_dir": str(run_dir),
+    rundir.write_json_atomic(run_dir / "run.json", {"name": "r1", "launcher": "local", "run_dir": str(run_dir),
                                                   "jobs": [{"id": "local-1", "pid": 999999999}]})
     (run_dir / "local.log").write_text("[grpo] resuming from checkpoints/step_000001 (step 1)\nnoise\n")
 
     def write(state: str, step: int) -> None:
-        runs.write_json_atomic(run_dir / "status.json", {"state": state, "step": step, "total_steps": 3})
+        rundir.write_json_atomic(run_dir / "status.json", {"state": state, "step": step, "total_steps": 3})
 
     write("running", 1)
     with open(run_dir / "metrics.jsonl", "w") as f:

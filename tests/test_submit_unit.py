@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from grpo_core import rundir
 from jobs import cancel, launch, profiles, resubmit, runs, status, submit
 from jobs.profiles import load_profile
 
@@ -407,7 +408,7 @@ def test_launch_leaves_requeue_to_slurm_cancel_and_rank0(fake, capsys, monkeypat
     monkeypatch.setenv("SLURM_PROCID", rank)
     if cancelled:
         info = json.loads((run_dir / "run.json").read_text())
-        runs.write_json_atomic(run_dir / "run.json", {**info, "cancel_requested": "now"})
+        rundir.write_json_atomic(run_dir / "run.json", {**info, "cancel_requested": "now"})
         assert launch.Launch(str(run_dir))() == {"status": "cancelled"}  # does not even start
     else:
         assert launch.Launch(str(run_dir))()["status"] == "preempted"
