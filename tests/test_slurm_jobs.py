@@ -156,11 +156,16 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
+def _job_env(cluster: LocalSlurm) -> dict[str, str]:
+    """sbatch exports the submitter's environment to the job; PYTHONPATH lets every job of ours,
+    resubmitted ones too, import tests.fake_engine whatever directory Slurm starts it in."""
+    return {**cluster.full_env(), "PYTHONPATH": str(REPO)}
+
+
 def _start(cluster: LocalSlurm, workdir: Path, name: str, *extra: str) -> tuple[Path, str]:
     # Each run its own runs dir, so each has its own mlflow.db: runs never share a SQLite file.
     engine = [] if name == REAL_VLLM_RUN else FAKE_ENGINE
-    # sbatch exports the environment to the job; PYTHONPATH: this checkout (tests.fake_engine) from its workdir
-    env = {**cluster.full_env(), "PYTHONPATH": str(REPO)}
+    env = _job_env(cluster)
     out = subprocess.run([sys.executable, "-m", "jobs.submit", "--profile", "slurm-cpu", "--name", name,
                           "--runs-dir", str(workdir / name), "--no-follow", *TINY, *engine, *extra],
                          cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
@@ -230,7 +235,7 @@ def _run_all(cluster: LocalSlurm, workdir: Path, plan: dict[str, str | None]) ->
         for name in list(cancelled):
             run_dir = started[name][0]
             if _state(run_dir) == "cancelled":
-                out = _cli("jobs.resubmit", name, "--runs-dir", str(run_dir.parent), env=cluster.full_env())
+                out = _cli("jobs.resubmit", name, "--runs-dir", str(run_dir.parent), env=_job_env(cluster))
                 assert out.returncode == 0, out.stdout + out.stderr
                 cancelled.discard(name)
         assert time.monotonic() < deadline, f"runs stuck: to interrupt {sorted(todo)}, to resubmit {sorted(cancelled)}"
