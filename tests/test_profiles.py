@@ -42,8 +42,8 @@ def test_local_and_slurm_cpu_share_the_tiny_recipe() -> None:
     t = local.train
     assert (t.model.path, t.model.tiny, t.data.task) == ("runs/tiny-model", True, "synthetic")
     assert (t.rollout.n, t.rollout.max_tokens, t.trainer.total_steps) == (16, 4, 150)
-    assert (t.trainer.prompts_per_step, t.trainer.mini_batch_prompts, t.trainer.micro_batch_size) == (64, 64, 256)
-    assert (t.optim.lr, t.optim.beta2, t.algorithm.kl_coef, t.checkpoint.every) == (3e-3, 0.99, 0.0, 25)
+    assert (t.trainer.prompts_per_step, t.trainer.mini_batch_prompts, t.trainer.micro_batch_size) == (64, 32, 256)
+    assert (t.optim.lr, t.optim.beta2, t.optim.grad_clip, t.algorithm.kl_coef, t.checkpoint.every) == (1.5e-3, 0.99, 0.2, 0.0, 25)
 
 
 def test_h100x2_is_the_lora_seed_recipe() -> None:
