@@ -165,10 +165,9 @@ def _job_env(cluster: LocalSlurm) -> dict[str, str]:
 def _start(cluster: LocalSlurm, workdir: Path, name: str, *extra: str) -> tuple[Path, str]:
     # Each run its own runs dir, so each has its own mlflow.db: runs never share a SQLite file.
     engine = [] if name == REAL_VLLM_RUN else FAKE_ENGINE
-    env = _job_env(cluster)
     out = subprocess.run([sys.executable, "-m", "jobs.submit", "--profile", "slurm-cpu", "--name", name,
                           "--runs-dir", str(workdir / name), "--no-follow", *TINY, *engine, *extra],
-                         cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=workdir, env=_job_env(cluster), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = re.search(r"job:\s+(\d+) \(Slurm job\)", out.stdout).group(1)  # type: ignore[union-attr]
     return workdir / name / name, job_id
