@@ -318,6 +318,12 @@ def recipe(name: str, overrides: Sequence[str]):
     return config.validate(config.build(config.TrainConfig, config.apply_overrides(config.TrainConfig, train, list(overrides))))
 
 
+# Row-count micro-batches with every layer recomputed (when gradient_checkpointing is on), for the
+# benchmarks that set trainer.micro_batch_size themselves (train_step, planner_check): the recipe's
+# token budgets and partial recomputation would otherwise override their micro-batches.
+ROW_MICRO_BATCHES = ["trainer.micro_batch_tokens=0", "trainer.logprob_micro_batch_tokens=0", "model.recompute_layers=0"]
+
+
 def bench_overrides(*, model_path: Path, tiny: bool, data: str, run_dir: Path) -> list[str]:
     """What every benchmark changes in the recipe: a dummy-weight model of the
     shape, one GPU (no offload: the H200 holds it), no tracking, local data."""
@@ -326,6 +332,7 @@ def bench_overrides(*, model_path: Path, tiny: bool, data: str, run_dir: Path) -
           f"trainer.run_dir={run_dir}", "rollout.tensor_parallel_size=1"]
     if tiny:  # bf16 matmuls are slow on CPUs without bf16 units; the smoke run checks code paths, not speed
         ov += ["model.dtype=float32", "model.share_base_weights=false"]  # vLLM's CPU weights cannot be shared
+        ov += ["model.recompute_layers=0"]  # a count of the 14B shape's 48 layers: the tiny one has 2
     if data:
         ov += ["data.task=gsm8k", f"data.train_path={data}", "data.test_path="]
     else:

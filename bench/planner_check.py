@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             path = common.shape_dir(args, shape)
             ov = common.bench_overrides(model_path=path, tiny=args.tiny, data="", run_dir=Path(tempfile.mkdtemp(prefix="bench-planner-")))
             # A trainer alone (no engine to share a base with) holds its own base.
-            ov += [f"trainer.micro_batch_size={micro}", "model.share_base_weights=false"] + ([] if lora else ["model.lora_rank=0"])
+            ov += [*common.ROW_MICRO_BATCHES, f"trainer.micro_batch_size={micro}", "model.share_base_weights=false"] + ([] if lora else ["model.lora_rank=0"])
             if args.tiny:
                 ov += ["data.max_prompt_tokens=32", "rollout.max_tokens=32"]
             cfg = common.recipe(args.profile, ov + args.set)

@@ -107,7 +107,8 @@ run() {  # run NAME CAP_S MODULE ARGS...
 run train_step "$CAP" bench.train_step "$@"
 run train_step_nockpt "$CAP" bench.train_step --tag _nockpt --micro 4 --set "$NOCKPT" "$@"
 run planner_check "$CAP" bench.planner_check "$@"
-VARIANTS=${BENCH_GRPO_VARIANTS-"nockpt:$NOCKPT,trainer.micro_batch_size=4"}
+# (row micro-batches: the recipe's token budget would override the 4 rows; no layer count without recomputation)
+VARIANTS=${BENCH_GRPO_VARIANTS-"nockpt:$NOCKPT,model.recompute_layers=0,trainer.micro_batch_tokens=0,trainer.micro_batch_size=4"}
 VARIANT_ARGS=()
 for v in $VARIANTS; do VARIANT_ARGS+=(--grpo-variant "$v"); done
 # shellcheck disable=SC2086

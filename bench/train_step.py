@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     path = common.shape_dir(args, shape)
     run_dir = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
     cfg = common.recipe(args.profile, common.bench_overrides(model_path=path, tiny=args.tiny, data="", run_dir=run_dir)
-                        + [f"trainer.micro_batch_size={micro}"] + args.set)
+                        + [*common.ROW_MICRO_BATCHES, f"trainer.micro_batch_size={micro}"] + args.set)
     if cfg.model.lora_rank <= 0:
         print("[bench] note: the recipe is a full fine-tune; the HF + peft baseline is LoRA only", flush=True)
     info = distributed.init_distributed(cfg.trainer.device)
