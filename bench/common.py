@@ -114,6 +114,14 @@ def data_path(arg: str) -> str:
     return ""
 
 
+def shown_path(path: str) -> str:
+    """`path` as a record names it: relative to the repo when inside it (records travel between machines)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
+
+
 # ---------------------------------------------------------------- records
 _HARDWARE: str | None = None
 WRITTEN: set[str] = set()  # metrics recorded by this process (a later failure must not overwrite them)

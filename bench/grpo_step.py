@@ -146,7 +146,7 @@ def measure(ctx) -> None:
                             "min": int(min(lengths)), "max": int(max(lengths))},
         "prompt_length": {"mean": float(np.mean(plens)), "max": int(max(plens))},
         "tokens_per_step": tokens, "measured_steps": len(steps), "warmup_prompts": warm_prompts,
-        "data": ctx.data or "synthetic", "engine": ctx.engine_info(),
+        "data": common.shown_path(ctx.data) if ctx.data else "synthetic", "engine": ctx.engine_info(),
         "metrics": [{k: v for k, v in s["metrics"].items()} for s in steps],
     }
     out = ctx.out
