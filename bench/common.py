@@ -114,8 +114,11 @@ def data_path(arg: str) -> str:
     return ""
 
 
-def shown_path(path: str) -> str:
-    """`path` as a record names it: relative to the repo when inside it (records travel between machines)."""
+def data_label(path: str) -> str:
+    """The data a record names: "synthetic" for none (data_path's ""), else the file relative to the repo
+    when inside it (records travel between machines)."""
+    if not path:
+        return "synthetic"
     try:
         return str(Path(path).resolve().relative_to(REPO))
     except ValueError:

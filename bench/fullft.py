@@ -253,7 +253,7 @@ def _setting(args, cfg, data, tr, steps, build, ckpt) -> dict:
         "response_length": {"dist": tr.engine.describe(),
                             "mean": float(np.mean(lengths)), "max": int(max(lengths))},
         "prompt_length": {"mean": float(np.mean(plens)), "max": int(max(plens))},
-        "data": common.shown_path(data) if data else "synthetic", "build": build, "checkpoint": ckpt,
+        "data": common.data_label(data), "build": build, "checkpoint": ckpt,
         "steps": {k: {"metrics": v["metrics"], "stages": v["stages"]} for k, v in steps.items()},
         "measured": "step 2 (step 1 is the first: allocations, autotuning)",
         "host_hwm_gib": meters.host_hwm_gib(),

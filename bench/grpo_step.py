@@ -146,11 +146,13 @@ def measure(ctx) -> None:
                             "min": int(min(lengths)), "max": int(max(lengths))},
         "prompt_length": {"mean": float(np.mean(plens)), "max": int(max(plens))},
         "tokens_per_step": tokens, "measured_steps": len(steps), "warmup_prompts": warm_prompts,
-        "data": common.shown_path(ctx.data) if ctx.data else "synthetic", "engine": ctx.engine_info(),
+        "data": common.data_label(ctx.data), "engine": ctx.engine_info(),
         "metrics": [{k: v for k, v in s["metrics"].items()} for s in steps],
     }
     out = ctx.out
-    bound = _bound(ctx, steps, times)
+    flops = _update_flops(ctx)
+    update_tokens = float(np.mean([s["update_tokens"] for s in steps]))
+    bound = _bound(ctx.cfg, flops, update_tokens, tokens, times)
     common.record("grpo_step_tokens_per_s_per_gpu", tps, "tokens/s", f"target (issue): {TARGET_TPS:,} tokens/s/GPU",
                   float(TARGET_TPS), out, target={"op": ">=", "value": TARGET_TPS}, bound=bound,
                   ratio_to_bound=tps / bound["tokens_per_s"], times_s=times, setting=setting)
@@ -168,15 +170,26 @@ def measure(ctx) -> None:
         common.record(f"grpo_step_peak_gib_{name}", peaks[name]["peak_device_gib"], "GiB",
                       f"{args.mem_target:g} GiB (target)", args.mem_target, out, higher_is_better=False,
                       source=ctx.sampler.source, torch_peaks=peaks[name])
-    _update_records(ctx, steps, avg("time_update"), setting)
+    _update_records(ctx, steps, avg("time_update"), update_tokens, flops, setting)
     _planner(ctx, cfg, peaks, step_peak, max(plens), max(lengths))
 
 
-def _update_records(ctx, steps, time_update: float, setting: dict) -> None:
-    """The update stage: its padding fraction and its MFU (meters.update_flops)."""
+def _update_flops(ctx) -> dict:
+    """FLOPs per token of the update: the model's (MFU; recomputation is not useful work) and the hardware's
+    (HFU: + the recomputed forwards), as meters.update_flops counts them."""
+    cfg, policy = ctx.cfg, ctx.tr.policy
+    n, n_lora = common.n_params(cfg.model.path), sum(p.numel() for p in policy.trainable_parameters())
+    model, model_how = meters.update_flops(n, n_lora, lora=policy.is_lora, recomputed=0)
+    hardware, hardware_how = meters.update_flops(n, n_lora, lora=policy.is_lora,
+                                                 recomputed=common.recomputed_params(cfg))
+    return {"n": n, "model": model, "model_how": model_how, "hardware": hardware, "hardware_how": hardware_how}
+
+
+def _update_records(ctx, steps, time_update: float, update_tokens: float, flops: dict, setting: dict) -> None:
+    """The update stage: its padding fraction and its MFU."""
     import numpy as np
 
-    cfg, policy = ctx.cfg, ctx.tr.policy
+    cfg = ctx.cfg
     padding = [s["metrics"]["update_padding_fraction"] for s in steps]
     common.record("grpo_step_update_padding_fraction", float(np.mean(padding)), "fraction",
                   "every row padded to the step's longest", float(np.mean([s["padding_to_longest"] for s in steps])),
@@ -184,38 +197,27 @@ def _update_records(ctx, steps, time_update: float, setting: dict) -> None:
                   how="the trainer's update_padding_fraction: padding slots / all token slots of the update's "
                       "micro-batches", pack_sequences=cfg.trainer.pack_sequences,
                   micro_batch_tokens=cfg.trainer.micro_batch_tokens)
-    n, n_lora = common.n_params(cfg.model.path), sum(p.numel() for p in policy.trainable_parameters())
-    # MFU counts the model's FLOPs only (recomputation is not useful work); HFU adds the recomputed forwards
-    flops, how = meters.update_flops(n, n_lora, lora=policy.is_lora, recomputed=0)
-    hw_flops, hw_how = meters.update_flops(n, n_lora, lora=policy.is_lora, recomputed=common.recomputed_params(cfg))
-    tokens = float(np.mean([s["update_tokens"] for s in steps]))
-    tps = tokens / time_update
-    common.record("grpo_step_lora_update_mfu", meters.mfu(tps, flops), "fraction",
+    tps = update_tokens / time_update
+    common.record("grpo_step_lora_update_mfu", meters.mfu(tps, flops["model"]), "fraction",
                   f"target (issue): MFU {TARGET_MFU:g}", TARGET_MFU, ctx.out, target={"op": ">=", "value": TARGET_MFU},
-                  flops_per_token=flops, flops_counted=how, hardware_flops_utilization=meters.mfu(tps, hw_flops),
-                  hardware_flops_per_token=hw_flops, hardware_flops_counted=hw_how,
-                  peak_flops=meters.H200_BF16_PEAK_FLOPS, update_tokens_per_s=tps, update_tokens=tokens,
+                  flops_per_token=flops["model"], flops_counted=flops["model_how"],
+                  hardware_flops_utilization=meters.mfu(tps, flops["hardware"]),
+                  hardware_flops_per_token=flops["hardware"], hardware_flops_counted=flops["hardware_how"],
+                  peak_flops=meters.H200_BF16_PEAK_FLOPS, update_tokens_per_s=tps, update_tokens=update_tokens,
                   time_update_s=time_update,
                   note="real (unpadded) tokens x ppo_epochs over the update stage's seconds (padding slots not "
                        "counted)", setting=setting)
 
 
-def _bound(ctx, steps, times) -> dict:
+def _bound(cfg, flops: dict, update_tokens: float, step_tokens: float, times: dict) -> dict:
     """The issue's bound for this step on this GPU: the rollout and sync as measured (the rollout runs at raw
-    vLLM speed: rollout_ratio_vs_raw_vllm), the update at 4N + 6 N_lora FLOPs/token and the reference pass at
-    2N, both at BOUND_MFU of the GPU's bf16 peak."""
-    import numpy as np
-
-    cfg, policy = ctx.cfg, ctx.tr.policy
-    n, n_lora = common.n_params(cfg.model.path), sum(p.numel() for p in policy.trainable_parameters())
-    update_flops, _ = meters.update_flops(n, n_lora, lora=policy.is_lora, recomputed=0)
-    update_tokens = float(np.mean([s["update_tokens"] for s in steps]))
-    ref_tokens = update_tokens / cfg.trainer.ppo_epochs
+    vLLM speed: rollout_ratio_vs_raw_vllm), the update at its model FLOPs/token (4N + 6 N_lora) and the
+    reference pass at 2N, both at BOUND_MFU of the GPU's bf16 peak."""
     rate = BOUND_MFU * meters.H200_BF16_PEAK_FLOPS
-    secs = {"rollout": times["rollout"], "sync": times["sync"], "update": update_tokens * update_flops / rate,
-            "reference": ref_tokens * 2 * n / rate if cfg.algorithm.kl_coef else 0.0}
-    tokens = float(np.mean([s["metrics"]["tokens_per_s"] * s["metrics"]["time_step"] for s in steps]))
-    return {"tokens_per_s": tokens / sum(secs.values()), "step_s": sum(secs.values()), "stage_s": secs,
+    ref_tokens = update_tokens / cfg.trainer.ppo_epochs
+    secs = {"rollout": times["rollout"], "sync": times["sync"], "update": update_tokens * flops["model"] / rate,
+            "reference": ref_tokens * 2 * flops["n"] / rate if cfg.algorithm.kl_coef else 0.0}
+    return {"tokens_per_s": step_tokens / sum(secs.values()), "step_s": sum(secs.values()), "stage_s": secs,
             "how": f"measured rollout + sync; update (4N + 6 N_lora)/token and reference 2N/token at {BOUND_MFU:g} "
                    f"MFU of {meters.H200_BF16_PEAK_FLOPS:.3g} FLOP/s"}
 

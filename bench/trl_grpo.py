@@ -222,7 +222,7 @@ def main() -> None:
         "vllm_enable_sleep_mode": args.sleep_mode, "lora": {"r": m.lora_rank, "alpha": m.lora_alpha,
         "targets": m.lora_target_modules}, "beta": cfg.algorithm.kl_coef, "entropy_coef": cfg.algorithm.entropy_coef,
         "loss_type": targs.loss_type, "gradient_checkpointing": True, "bf16": not args.tiny, "lr": cfg.optim.lr,
-        "data": common.shown_path(data) if data else "synthetic", "prompts_in_dataset": len(dataset), "weights_save_s": save_s,
+        "data": common.data_label(data), "prompts_in_dataset": len(dataset), "weights_save_s": save_s,
     }
     sampler = meters.DeviceMemSampler()
 
