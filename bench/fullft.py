@@ -33,7 +33,7 @@ import types
 from pathlib import Path
 
 from bench import common, meters
-from bench.fullft_predict import RECIPE_GPU_GIB, predict_48l, stage_prediction
+from bench.fullft_predict import predict_48l, stage_prediction
 from grpo_core.stages import STAGES
 
 # Depth: the host (128 GiB on the H200 machine) holds all the offloaded state, so the
@@ -74,13 +74,10 @@ def parse(argv=None):
 
 
 def build_config(args, data: str, run_dir: Path):
-    import torch
-
     path = common.shape_dir(args, "tiny" if args.tiny else "14b", data, layers=args.layers)
-    total = torch.cuda.get_device_properties(0).total_memory / meters.GIB if torch.cuda.is_available() else RECIPE_GPU_GIB
     prof = common.recipe(args.profile, [f"model.path={path}"])
-    util = args.gpu_mem_util if args.gpu_mem_util is not None else min(0.9, prof.rollout.gpu_memory_utilization
-                                                                        * RECIPE_GPU_GIB / total)
+    util = args.gpu_mem_util if args.gpu_mem_util is not None else common.recipe_vllm_fraction(
+        prof.rollout.gpu_memory_utilization)
     ov = common.bench_overrides(model_path=path, tiny=args.tiny, data=data, run_dir=run_dir)
     ov += ["trainer.param_offload=true", "trainer.optimizer_offload=true",  # the recipe's: bench_overrides turns them off
            f"rollout.max_tokens={args.len_max}", f"rollout.val_max_tokens={args.len_max}",

@@ -12,7 +12,7 @@ from grpo_core.stages import STAGES
 # planner stages per measured stage
 PLANNER_STAGES = {"rollout": ("rollout",), "reference": ("reference logprobs",),
                   "update": ("update", "update (end of backward)", "optimizer step"), "sync": ("sync",)}
-RECIPE_GPUS, RECIPE_GPU_GIB = 4, 80.0  # h800x4: 4 x 80 GiB
+RECIPE_GPUS, RECIPE_GPU_GIB = 4, common.RECIPE_GPU_GIB  # h800x4: 4 x 80 GiB
 
 
 def stage_prediction(plan, stage: str) -> tuple[float, float]:

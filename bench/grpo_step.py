@@ -45,7 +45,7 @@ def add_args(p) -> None:
     g.add_argument("--len-max", type=int, default=None, help="default 400; tiny 20 (also rollout.max_tokens)")
     g.add_argument("--mem-target", type=float, default=80.0, help="GiB the step should fit in (the issue: 80)")
     g.add_argument("--grpo-variant", action="append", default=[], metavar="TAG:KEY=VALUE[,KEY=VALUE]",
-                   help="after the recipe's steps, the same trainer with these overrides (model.gradient_checkpointing, "
+                   help="after the recipe's steps, the same trainer with these overrides (model.compile, model.gradient_checkpointing, "
                         "model.recompute_layers, trainer.*, algorithm.*), recorded with _TAG appended to every metric (repeatable)")
 
 
@@ -56,13 +56,13 @@ def run(ctx) -> None:
         saved = (ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX)
         try:
             ctx.cfg = ctx.tr.cfg = _apply(ctx.cfg, [o for o in overrides.split(",") if o])
-            _set_recompute(ctx.tr.policy, ctx.cfg)
+            _configure_policy(ctx.tr.policy, ctx.cfg)
             common.METRIC_SUFFIX = f"{saved[2]}_{tag}"
             print(f"[bench] ---- grpo_step variant {tag}: {overrides}", flush=True)
             measure(ctx)
         finally:
             ctx.cfg, ctx.tr.cfg, common.METRIC_SUFFIX = saved
-            _set_recompute(ctx.tr.policy, ctx.cfg)
+            _configure_policy(ctx.tr.policy, ctx.cfg)
 
 
 def _apply(cfg, overrides):
@@ -72,12 +72,14 @@ def _apply(cfg, overrides):
     return config.validate(config.build(config.TrainConfig, data))
 
 
-def _set_recompute(policy, cfg) -> None:
-    """The live policy recomputes as `cfg` says (a variant's model.gradient_checkpointing / recompute_layers)."""
+def _configure_policy(policy, cfg) -> None:
+    """The live policy recomputes and compiles as `cfg` says (a variant's model.gradient_checkpointing /
+    recompute_layers / compile)."""
     from grpo_core import modelshape
-    from grpo_core.policy import set_recompute
+    from grpo_core.policy import set_compiled, set_recompute
 
     set_recompute(policy.model, cfg.model.recomputed(modelshape.shape_for(cfg.model.path).layers))
+    set_compiled(policy.model, cfg.model.compile)
 
 
 def measure(ctx) -> None:
@@ -138,6 +140,7 @@ def measure(ctx) -> None:
         "logprob_micro_batch_size": cfg.trainer.logprob_micro, "micro_batch_tokens": cfg.trainer.micro_batch_tokens,
         "logprob_micro_batch_tokens": cfg.trainer.logprob_micro_batch_tokens,
         "pack_sequences": cfg.trainer.pack_sequences, "attn_implementation": cfg.model.attn_implementation,
+        "compile": cfg.model.compile,
         "lora_rank": cfg.model.lora_rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "recompute_layers": cfg.model.recompute_layers,
         "kl_coef": cfg.algorithm.kl_coef, "entropy_coef": cfg.algorithm.entropy_coef,

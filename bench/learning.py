@@ -63,6 +63,7 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=None, help="GRPO steps at most (default: GPU 400, CPU 150)")
     p.add_argument("--hidden", type=int, default=None, help="tiny model width (default: GPU full 128, lora 512; CPU 64)")
     p.add_argument("--layers", type=int, default=None, help="tiny model depth (default 2)")
+    p.add_argument("--init-std", type=float, default=None, help="tiny model init std (default: the mode's)")
     p.add_argument("--no-shared-base", action="store_true", help="lora: the trainer keeps its own base copy")
     p.add_argument("--stop-at", type=float, default=0.85,
                    help="stop once the mean reward of the last 5 steps reaches this (saves device time; 0: never)")
@@ -92,7 +93,8 @@ class StopAtReward(Preemption):
 def overrides(args, run_dir: Path, model_dir: Path) -> list[str]:
     model = (CPU_MODES if args.tiny else GPU_MODES)[args.mode]
     ov = [f"model.path={model_dir}", "model.tiny=true", f"model.tiny_hidden={args.hidden or model['hidden']}",
-          f"model.tiny_layers={args.layers or model['layers']}", f"trainer.total_steps={args.steps or model['steps']}",
+          f"model.tiny_layers={args.layers or model['layers']}",
+          f"model.tiny_init_std={args.init_std or model.get('init_std', 0.02)}", f"trainer.total_steps={args.steps or model['steps']}",
           f"trainer.run_dir={run_dir}", "tracking.enabled=false", "checkpoint.every=0", "checkpoint.save_final=false",
           "rollout.enforce_eager=true"]
     if args.tiny:
@@ -116,8 +118,9 @@ def main(argv=None) -> int:
 
     model = (CPU_MODES if args.tiny else GPU_MODES)[args.mode]
     hidden, layers = args.hidden or model["hidden"], args.layers or model["layers"]
+    init_std = args.init_std or model.get("init_std", 0.02)
     # one model dir per shape: build_tiny_model is deterministic, so a cached one is the same model
-    model_dir = Path(args.shape_cache) / f"tiny-synthetic-h{hidden}-l{layers}"
+    model_dir = Path(args.shape_cache) / f"tiny-synthetic-h{hidden}-l{layers}-std{init_std:g}"
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-learning-{args.mode}-"))
     metric = f"gpu_learning_final_reward{suffix}"
     try:

@@ -25,8 +25,8 @@ def parse(argv=None):
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(ORDER), help=f"comma list of {', '.join(ORDER)}")
     p.add_argument("--gpu-mem-util", type=float, default=None,
-                   help="vLLM gpu_memory_utilization (default 0.4: KV cache for ~150 rollouts at once next to the "
-                        "trainer; the recipe's 0.25 leaves ~20 on an H200)")
+                   help="vLLM gpu_memory_utilization (default: the GiB the recipe gives vLLM on an 80 GiB GPU, "
+                        "0.7 x 80 = 56: 0.4 of an H200)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile (faster start, slower decode)")
     rollout.add_args(p)
     sync.add_args(p)
@@ -80,7 +80,8 @@ def build_context(args) -> Context:
     shape = "tiny" if args.tiny else "14b"
     t0 = time.perf_counter()
     path = common.shape_dir(args, shape, data)
-    util = args.gpu_mem_util if args.gpu_mem_util is not None else 0.4
+    util = args.gpu_mem_util if args.gpu_mem_util is not None else common.recipe_vllm_fraction(
+        common.recipe(args.profile, []).rollout.gpu_memory_utilization)
     hi = args.len_max if args.len_max is not None else (20 if args.tiny else 400)
     rollout_len = (args.rollout_prompt_tokens or (16 if args.tiny else 256)) + (args.rollout_max_tokens or (16 if args.tiny else 256))
     ov = common.bench_overrides(model_path=path, tiny=args.tiny, data=data, run_dir=Path(tempfile.mkdtemp(prefix="bench-run-")))

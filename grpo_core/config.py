@@ -23,6 +23,8 @@ class ModelConfig:
     tiny: bool = False  # build a tiny random-init Qwen2 + offline tokenizer at `path` if absent
     tiny_hidden: int = 64  # the tiny model's hidden size (model.tiny)
     tiny_layers: int = 2  # the tiny model's layer count (model.tiny)
+    # the tiny model's init std (HF's initializer_range); larger gives a frozen random head sharper logits (LoRA)
+    tiny_init_std: float = 0.02
     dtype: str = "float32"  # weights and compute of trainer and vLLM (LoRA adapters stay fp32)
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: int = 32  # LoRA scaling is lora_alpha / lora_rank
@@ -31,6 +33,9 @@ class ModelConfig:
     # with gradient_checkpointing: only the first N decoder layers recompute (0: all), the others keep their
     # activations (faster; jobs.plan --tune: the fewest that fit)
     recompute_layers: int = 0
+    # torch.compile each decoder layer of the trainer's model (fused norms, rotary, SiLU and LoRA adds; the first
+    # passes of each shape compile, then shapes stay dynamic)
+    compile: bool = False
     attn_implementation: str = "sdpa"  # the HF trainer model's attention (transformers' attn_implementation)
     load_format: str = "auto"  # vLLM's; "dummy" = random weights (benchmarks)
     # LoRA on CUDA: the frozen base is vLLM's own weights (views), not a second copy
@@ -236,7 +241,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, (value, low) in at_least.items():
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
-    above_zero = {"optim.lr": o.lr, "optim.eps": o.eps, "rollout.temperature": r.temperature,
+    above_zero = {"model.tiny_init_std": m.tiny_init_std, "optim.lr": o.lr, "optim.eps": o.eps, "rollout.temperature": r.temperature,
                   "rollout.cpu_kv_cache_gib": r.cpu_kv_cache_gib, "algorithm.adv_eps": a.adv_eps}
     for key, value in above_zero.items():
         if not value > 0:

@@ -47,7 +47,7 @@ def resolve_model(cfg: TrainConfig, task: Task, info: DistInfo) -> str:
             # needs every byte.
             small = isinstance(task, SyntheticArithmetic)
             build_tiny_model(
-                path, _tiny_corpus(task, small), hidden=m.tiny_hidden, layers=m.tiny_layers, seed=0,
+                path, _tiny_corpus(task, small), hidden=m.tiny_hidden, layers=m.tiny_layers, init_std=m.tiny_init_std, seed=0,
                 vocab_size=64 if small else 512, full_byte_alphabet=not small,
             )
         distributed.barrier()

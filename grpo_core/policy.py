@@ -54,6 +54,32 @@ def set_recompute(model: nn.Module, count: int) -> None:
         layer.gradient_checkpointing = i < count
 
 
+# Graph variants one compiled forward may hold (grad / no grad, adapter on / off, input requiring grad or not).
+COMPILE_VARIANTS = 32
+
+
+def _compiled_blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """What model.compile compiles in each decoder layer: its norms, its MLP and its attention's projections.
+    The attention core stays eager (sdpa is one fused kernel already, and its mask, None or a tensor as the
+    micro-batch has padding or not, would double the graphs)."""
+    for layer in _decoder_layers(model):
+        for name, child in layer.named_children():
+            yield from child.children() if "attn" in name else (child,)
+
+
+def set_compiled(model: nn.Module, on: bool) -> None:
+    """The decoder layers' norms, MLPs and attention projections through torch.compile (on) or eager,
+    in place: FSDP2's hooks and HF's per-layer recompute switch stay outside the compiled regions. Shapes
+    are dynamic from the start (micro-batches vary), and each block class compiles once for all layers."""
+    if on:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANTS)
+    for block in _compiled_blocks(model):
+        if on:
+            block.compile(dynamic=True)
+        else:
+            block._compiled_call_impl = None
+
+
 def _lora_targets(spec: str) -> str | list[str]:
     return "all-linear" if spec == "all-linear" else [s.strip() for s in spec.split(",") if s.strip()]
 
@@ -206,6 +232,8 @@ class Policy:
         offload = CPUOffloadPolicy() if wants_offload and info.device.type == "cuda" else None
         for module in [model] + ([self.reference] if self.reference is not None else []):
             self._shard(module, mp, offload)
+            if model_cfg.compile:
+                set_compiled(module, True)
         self.model = model
 
     def _shard(self, module: nn.Module, mp: MixedPrecisionPolicy | None, offload: CPUOffloadPolicy | None) -> None:
@@ -289,6 +317,15 @@ class Policy:
             for p in trainable:
                 p.requires_grad_(True)
             yield
+
+    def end_no_grad_passes(self) -> None:
+        """After forwards without a backward (log-prob passes): the root's parameters, which its forward
+        left unsharded, are resharded. Otherwise the next backward adds into what the unsharded root
+        kept from before: full fine-tuning's embedding, final norm and lm_head gradients grew by one
+        step's worth per step (tests/test_policy_logprobs.py)."""
+        for module in (self.model, self.reference):
+            if module is not None:
+                module.reshard()
 
     def clip_grad_norm(self, max_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm if max_norm > 0 else float("inf"))

@@ -115,6 +115,7 @@ def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float
             slots.add(run, lengths, packed, counts=bool(rows))
         if rows:
             out[rows, : lp.shape[1]] = lp.float().cpu()
+    policy.end_no_grad_passes()
     return out
 
 

@@ -158,3 +158,22 @@ def test_bf16_lora_whose_first_forward_is_the_reference_pass_trains(model_dir, i
     (lp * resp).sum().backward()
     grads = grads_of(policy)
     assert grads and all(g.dtype == torch.float32 and g.abs().max() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("overrides", [("model.lora_rank=0",), ("model.lora_rank=4", "model.lora_alpha=8")])
+def test_gradients_after_a_no_grad_pass_equal_a_fresh_backward(model_dir, overrides):
+    """A log-prob pass (no backward) between updates changes no gradient. It did for full fine-tuning:
+    the root's unsharded parameters kept what the backward before had added, so the embedding, final
+    norm and lm_head gradients came out 2x, 3x, ... the right ones, step after step."""
+    from grpo_core.train import batched_logprobs
+    from tests.test_packing import grads_after, make_batch, make_policy, vocab_of
+
+    policy, cfg = make_policy(model_dir, *overrides)
+    batch = make_batch(vocab_of(policy))
+    _, fresh = grads_after(policy, batch, cfg, packed=False)
+    for _ in range(2):
+        batched_logprobs(policy, batch, 4, 1.0, reference=False)
+        _, after = grads_after(policy, batch, cfg, packed=False)
+        assert fresh.keys() == after.keys() and len(fresh) > 0
+        for name, g in fresh.items():
+            torch.testing.assert_close(after[name], g, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
