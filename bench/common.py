@@ -142,13 +142,17 @@ def _version(pkg: str) -> str:
 RECIPE_GPU_GIB = 80.0  # the GPUs the recipes are written for (h100x2, h800x4)
 
 
+def gpu_total_gib() -> float:
+    """This GPU's memory; with no GPU, the recipe's 80 GiB (the CPU smoke runs plan for it)."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else RECIPE_GPU_GIB
+
+
 def recipe_vllm_fraction(recipe_fraction: float) -> float:
     """The gpu_memory_utilization that gives vLLM on this GPU the GiB a recipe's fraction gives it on an
     80 GiB GPU (an H200's 140 GiB would otherwise hand vLLM a larger KV cache than the recipe has)."""
-    import torch
-
-    total = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else RECIPE_GPU_GIB
-    return min(0.9, recipe_fraction * RECIPE_GPU_GIB / total)
+    return min(0.9, recipe_fraction * RECIPE_GPU_GIB / gpu_total_gib())
 
 
 def hardware() -> str:

@@ -93,7 +93,7 @@ def build_config(args, data: str, run_dir: Path):
         ov.append(f"trainer.micro_batch_size={args.micro}")
     if args.enforce_eager:
         ov.append("rollout.enforce_eager=true")
-    return common.recipe(args.profile, ov + args.set), total
+    return common.recipe(args.profile, ov + args.set), common.gpu_total_gib()
 
 
 def planner(cfg, total_gib: float, gpus: int = 1, gpus_per_node: int = 0, host_mem_gib: float = 0.0):

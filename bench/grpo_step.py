@@ -227,11 +227,9 @@ def _bound(cfg, flops: dict, update_tokens: float, step_tokens: float, times: di
 
 def _planner(ctx, cfg, peaks, step_peak, prompt_max, response_max) -> None:
     """grpo_core.memory's plan for this very config next to the measured device peaks."""
-    import torch
-
     from grpo_core import advice, memory, modelshape
 
-    total = torch.cuda.get_device_properties(0).total_memory / meters.GIB if torch.cuda.is_available() else 80.0
+    total = common.gpu_total_gib()
     shape = modelshape.shape_for(cfg.model.path)
     plan = advice.plan(shape, cfg, 1, total, name="grpo_step")
     observed = advice.with_setting(advice.with_setting(cfg, "data.max_prompt_tokens", prompt_max), "rollout.max_tokens", response_max)

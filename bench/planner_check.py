@@ -136,8 +136,6 @@ def main(argv=None) -> int:
     args = parse(argv)
     common.setup_env(args.tiny)
     out = common.out_dir(args)
-    import torch
-
     from grpo_core import distributed
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -163,7 +161,7 @@ def main(argv=None) -> int:
             if info is None:
                 info = distributed.init_distributed(cfg.trainer.device)
                 sampler = meters.DeviceMemSampler()
-            total = torch.cuda.get_device_properties(0).total_memory / meters.GIB if torch.cuda.is_available() else 80.0
+            total = common.gpu_total_gib()
             pred = predicted(cfg, name, total)
             meas = measure(cfg, info, holder, (shape, cfg.model.lora_rank), sampler, args.micro_batches, args.seed)
             stages, worst_pred, worst_meas = {}, 0.0, 0.0

@@ -241,12 +241,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, (value, low) in at_least.items():
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
-    above_zero = {"model.tiny_init_std": m.tiny_init_std, "optim.lr": o.lr, "optim.eps": o.eps, "rollout.temperature": r.temperature,
+    above_zero = {"optim.lr": o.lr, "optim.eps": o.eps, "rollout.temperature": r.temperature,
                   "rollout.cpu_kv_cache_gib": r.cpu_kv_cache_gib, "algorithm.adv_eps": a.adv_eps}
     for key, value in above_zero.items():
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
-    fractions = {"rollout.top_p": (r.top_p, False), "rollout.gpu_memory_utilization": (r.gpu_memory_utilization, False),
+    fractions = {"model.tiny_init_std": (m.tiny_init_std, False), "rollout.top_p": (r.top_p, False), "rollout.gpu_memory_utilization": (r.gpu_memory_utilization, False),
                  "optim.beta1": (o.beta1, True), "optim.beta2": (o.beta2, True)}
     for key, (value, zero_ok) in fractions.items():
         if not ((0 <= value if zero_ok else 0 < value) and (value < 1 if zero_ok else value <= 1)):
