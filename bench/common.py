@@ -65,7 +65,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with a tiny Qwen2 (no GPU)")
     p.add_argument("--out", default=None,
-                   help="results dir (default: $BENCH_OUT, else bench/results/h200/<date>-local; --tiny: a temp dir)")
+                   help="results dir (default: $BENCH_OUT, else bench/results/local/<date>; --tiny: a temp dir)")
     p.add_argument("--profile", default="h100x2", help="jobs/cluster_profiles/<name>.yaml whose train: part is the recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra TrainConfig override (repeatable), applied last")
@@ -92,7 +92,7 @@ def out_dir(args) -> Path:
     elif args.tiny:
         path = Path(tempfile.gettempdir()) / "grpo-bench-tiny"
     else:
-        path = REPO / "bench" / "results" / "h200" / f"{time.strftime('%Y-%m-%d', time.gmtime())}-local"
+        path = REPO / "bench" / "results" / "local" / time.strftime('%Y-%m-%d', time.gmtime())
     path.mkdir(parents=True, exist_ok=True)
     return path
 

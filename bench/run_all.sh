@@ -5,8 +5,9 @@
 #
 #   bash bench/run_all.sh [--tiny] [extra args passed to every script]
 #
-# Where results go: $OUT/h200 when OUT is set (the device run's fetched
-# folder; --tiny: $OUT/tiny), else bench/results/h200/<date>-local (--tiny: a temp dir).
+# Where results go: $OUT/gpu when OUT is set (the device run's fetched folder, moved to
+# bench/results/<card>/<date>-<n>; --tiny: $OUT/tiny), else bench/results/local/<date>
+# (--tiny: a temp dir).
 # Environment (all optional):
 #   PYTHON            interpreter (default: python3; --tiny: .venv/bin/python when present)
 #   BENCH_DATA        GSM8K train.jsonl for grpo_step (default ../shared/data/gsm8k/train.jsonl if present)
@@ -17,7 +18,7 @@
 #                     (the learning check, LoRA on a shared base, <= 300 s), "learning_full" (full FT, <= 300 s):
 #                     each of the last three needs a 10-minute run of its own; "trl" (TRL's GRPOTrainer on
 #                     grpo_step's work, bench/trl_grpo.py, <= 560 s; installs the TRL carry first, bench/install_trl.sh)
-#   BENCH_TRL_ARGS    extra args for bench.trl_grpo only (e.g. "--ours bench/results/h200/<date>-<n> --steps 2")
+#   BENCH_TRL_ARGS    extra args for bench.trl_grpo only (e.g. "--ours bench/results/<card>/<date>-<n> --steps 2")
 #   TRL_SITE          --tiny: a dir holding trl (pip install --no-deps --target DIR trl==1.16.0), put on PYTHONPATH
 #   BENCH_FULLFT_ARGS extra args for bench.fullft only (e.g. "--layers 6 --enforce-eager")
 #   BENCH_LEARNING_ARGS extra args for both bench.learning runs (e.g. "--steps 300")
@@ -34,11 +35,11 @@ TINY=0
 for a in "$@"; do [ "$a" = "--tiny" ] && TINY=1; done
 
 if [ -n "${OUT:-}" ]; then
-  RESULTS="$OUT/$([ $TINY = 1 ] && echo tiny || echo h200)"
+  RESULTS="$OUT/$([ $TINY = 1 ] && echo tiny || echo gpu)"
 elif [ $TINY = 1 ]; then
   RESULTS="${TMPDIR:-/tmp}/grpo-bench-tiny"
 else
-  RESULTS="$REPO/bench/results/h200/$(date -u +%F)-local"
+  RESULTS="$REPO/bench/results/local/$(date -u +%F)"
 fi
 mkdir -p "$RESULTS/logs"
 LOG="$RESULTS/run_all.log"
