@@ -25,7 +25,7 @@ from . import algorithm, checkpoint, config, distributed, rundir
 from .cli import ArgumentParser
 from .exitcodes import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_ENVIRONMENT, EXIT_OK, EXIT_PREEMPTED
 from .batch import RolloutBatch, pack
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, TrainerConfig
 from .data import DataError
 from .keyref import format_keys
 from .microbatch import Cut, Slots, even_out
@@ -100,13 +100,23 @@ def micro_batches(cut: Cut, order: list[int], lengths: list[int]) -> list[list[i
     return even_out(bins, distributed.all_max(len(bins)), lengths, cut.packed)
 
 
+def rows_needing_old_logprobs(rows: int, t: TrainerConfig) -> list[int]:
+    """The rows whose mini-batch runs after an optimizer step. The first mini-batch of a one-epoch
+    update sees the weights that sampled it: its old log-probs are the detached current ones
+    (exact), so it needs no pass of its own (train_step's first_mini_on_policy)."""
+    per_mini = rows * t.mini_batch_prompts // t.prompts_per_step
+    return list(range(per_mini if t.ppo_epochs == 1 else 0, rows))
+
+
 @torch.no_grad()
 def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float, *, reference: bool,
-                     packed: bool = False, tokens: int = 0, slots: Slots | None = None) -> torch.Tensor:
-    """Log-probs of every row, `micro` rows (or `tokens` token slots) per pass; `slots` tallies the passes."""
+                     packed: bool = False, tokens: int = 0, slots: Slots | None = None,
+                     only: list[int] | None = None) -> torch.Tensor:
+    """Log-probs of every row (or of the rows `only`; the others stay 0), `micro` rows (or `tokens`
+    token slots) per pass; `slots` tallies the passes."""
     out = torch.zeros_like(batch.response_mask)
     lengths = batch.attention_mask.sum(dim=1).tolist()
-    order = by_length(batch, list(range(len(batch))))
+    order = by_length(batch, list(range(len(batch))) if only is None else only)
     for rows in micro_batches(Cut(micro, tokens, packed), order, lengths):
         run = rows or order[-1:]  # a filler runs the shortest row and keeps nothing
         mb = batch.select(run).to(policy.info.device)
@@ -119,8 +129,10 @@ def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float
     return out
 
 
-def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConfig) -> dict[str, float]:
-    """Mini-batches of micro-batches with gradient accumulation.
+def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConfig,
+               first_mini_on_policy: bool = False) -> dict[str, float]:
+    """Mini-batches of micro-batches with gradient accumulation. With first_mini_on_policy the first
+    mini-batch ignores batch.old_logprobs (rows_needing_old_logprobs left its rows out).
 
     Each rank holds its share of the rows. The loss is normalised by the
     global denominator (all ranks' tokens or sequences) and multiplied by
@@ -145,6 +157,8 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
                 tally.add(run, lengths, cut.packed, counts=bool(rows))
                 scale = world * weight / max(denominator, 1.0)
                 mb = batch.select(run).to(policy.info.device)
+                if first_mini_on_policy and _epoch == 0 and mini_start == 0:
+                    mb.old_logprobs = None
                 for key, value in forward_backward(policy, mb, cfg, scale).items():
                     # x world, so that all_mean over ranks yields the global aggregate
                     stats.setdefault(key, []).append(value * scale)
@@ -195,20 +209,21 @@ def grpo_step(tr: Trainer, on_stage: StageListener | None = None) -> dict[str, f
     correct = (scores == 1.0).float()
     adv = algorithm.group_advantages(rewards, n, eps=a.adv_eps, norm_by_std=a.norm_adv_by_std)
     batch = pack([p for p, _, _ in flat], [list(s.token_ids) for _, s, _ in flat], adv, tr.tokenizer.pad_token_id)
-    # ---- old log-probs only when the policy moves between mini-batches
-    # (otherwise the detached current ones are exact), reference for KL
+    # ---- old log-probs only for rows the update reaches after the policy has moved
+    # (before that the detached current ones are exact), reference for KL
     stage("reference")
     t, lp_slots = cfg.trainer, Slots()
     cut = dict(packed=t.pack_sequences, tokens=t.logprob_micro_batch_tokens, slots=lp_slots)
-    if t.mini_batch_prompts < t.prompts_per_step or t.ppo_epochs > 1:
+    moved_rows = rows_needing_old_logprobs(len(batch), t)
+    if moved_rows:
         batch.old_logprobs = batched_logprobs(tr.policy, batch, t.logprob_micro, cfg.rollout.temperature,
-                                              reference=False, **cut)
+                                              reference=False, only=moved_rows, **cut)
     if a.kl_coef > 0:
         batch.ref_logprobs = batched_logprobs(tr.policy, batch, t.logprob_micro, cfg.rollout.temperature,
                                               reference=True, **cut)
     # ---- policy update, then the new weights into the engine
     stage("update")
-    update_stats = train_step(tr.policy, tr.optimizer, tr.scheduler, batch, cfg)
+    update_stats = train_step(tr.policy, tr.optimizer, tr.scheduler, batch, cfg, first_mini_on_policy=t.ppo_epochs == 1)
     stage("sync")
     tr.sync.push(tr.engine)
     stage("end")

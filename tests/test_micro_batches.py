@@ -129,3 +129,54 @@ def test_log_prob_micro_batches_do_not_change_the_log_probs(model_dir):
         got = batched_logprobs(policy, batch, micro, 1.0, reference=False, tokens=tokens, slots=tally)
         torch.testing.assert_close(got[mask], one_by_one, rtol=0, atol=2e-6)
         assert tally.real == int(batch.attention_mask.sum())
+
+
+def test_rows_needing_old_logprobs_by_hand():
+    from grpo_core.train import rows_needing_old_logprobs
+
+    def trainer(mini: int, epochs: int = 1):
+        return config.load(None, ["model.path=x", "trainer.prompts_per_step=4", f"trainer.mini_batch_prompts={mini}",
+                                  f"trainer.ppo_epochs={epochs}"]).trainer
+
+    assert rows_needing_old_logprobs(8, trainer(2)) == [4, 5, 6, 7]  # 2 rows a prompt: the second mini-batch
+    assert rows_needing_old_logprobs(8, trainer(1)) == [2, 3, 4, 5, 6, 7]
+    assert rows_needing_old_logprobs(8, trainer(4)) == []  # one mini-batch: no pass
+    assert rows_needing_old_logprobs(8, trainer(4, epochs=2)) == list(range(8))  # epoch 2 sees moved weights
+
+
+def test_first_mini_batch_on_policy_equals_its_old_logprob_pass(model_dir):
+    """Two mini-batches: old log-probs for the second only, the first taking the detached current
+    ones, give the update that old log-probs for every row give (SGD, fp32)."""
+    from grpo_core import distributed
+    from grpo_core.policy import Policy
+    from grpo_core.train import rows_needing_old_logprobs
+
+    info = distributed.init_distributed("cpu")
+    cfg = config.load(None, [f"model.path={model_dir}", "model.lora_rank=4", "model.lora_alpha=8", "trainer.device=cpu",
+                             f"trainer.prompts_per_step={ROWS}", f"trainer.mini_batch_prompts={ROWS // 2}", "rollout.n=1",
+                             "trainer.micro_batch_size=3", "rollout.max_tokens=16", "algorithm.kl_coef=0",
+                             "optim.lr=0.01", "optim.weight_decay=0", "algorithm.clip_low=0.001", "algorithm.clip_high=0.001"])
+    moved = {}
+    for skip in (False, True):
+        torch.manual_seed(0)
+        policy = Policy(str(model_dir), cfg.model, cfg.trainer, info, needs_reference=False)
+        # a step first, so that LoRA B is non-zero and the log-probs depend on every adapter weight
+        optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        batch = make_batch(policy.model.base_model.model.config.vocab_size)
+        train_step(policy, optimizer, scheduler, batch, cfg)
+        before = {k: v.clone() for k, v in policy.trainable_state_dict().items()}
+        only = rows_needing_old_logprobs(len(batch), cfg.trainer) if skip else None
+        tally = Slots()
+        batch.old_logprobs = batched_logprobs(policy, batch, 3, 1.0, reference=False, only=only, slots=tally)
+        if skip:
+            assert only == list(range(ROWS // 2, ROWS)) and not batch.old_logprobs[: ROWS // 2].any()
+        stats = train_step(policy, optimizer, scheduler, batch, cfg, first_mini_on_policy=skip)
+        moved[skip] = {k: v - before[k] for k, v in policy.trainable_state_dict().items()}
+        moved[skip]["slots"] = torch.tensor(float(tally.real))
+        assert stats["clip_fraction"] > 0  # the second mini-batch's ratio moved past the tight clip
+    full, half = moved[False].pop("slots"), moved[True].pop("slots")
+    assert half < full  # the pass covered only the second mini-batch's rows
+    assert max(float(v.abs().max()) for v in moved[False].values()) > 1e-4
+    for key in moved[False]:
+        torch.testing.assert_close(moved[True][key], moved[False][key], rtol=0, atol=1e-6)
