@@ -59,7 +59,8 @@ def parse():
     p.add_argument("--ignore-eos", action=argparse_bool(), default=True, help="force every row to max_completion_length")
     p.add_argument("--vllm", action=argparse_bool(), default=True,
                    help="vLLM colocated (default; --no-vllm: TRL's HF generate)")
-    p.add_argument("--gpu-mem-util", type=float, default=0.4, help="vllm_gpu_memory_utilization (ours runs at 0.4)")
+    p.add_argument("--gpu-mem-util", type=float, default=None,
+                   help="vllm_gpu_memory_utilization (default: ours', the GiB the recipe gives vLLM on an 80 GiB GPU)")
     p.add_argument("--sleep-mode", action=argparse_bool(), default=False, help="vllm_enable_sleep_mode")
     p.add_argument("--ours", default=os.environ.get("BENCH_OURS", ""),
                    help="results dir holding ours' grpo_step_tokens_per_s_per_gpu.json and grpo_step_peak_gib.json "
@@ -168,6 +169,8 @@ def main() -> None:
     cfg = common.recipe(args.profile, common.bench_overrides(model_path=model_dir, tiny=args.tiny, data=data,
                                                              run_dir=run_dir) + args.set)
     use_vllm = args.vllm
+    gpu_mem_util = args.gpu_mem_util if args.gpu_mem_util is not None else round(
+        common.recipe_vllm_fraction(cfg.rollout.gpu_memory_utilization), 4)
     length = args.completion_length or (20 if args.tiny else 400)
     micro = args.micro or (5 if args.tiny else 10)
     seqs = cfg.trainer.prompts_per_step * cfg.rollout.n
@@ -210,7 +213,7 @@ def main() -> None:
         learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, beta=cfg.algorithm.kl_coef,
         entropy_coef=cfg.algorithm.entropy_coef, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
         gradient_checkpointing=True, bf16=not args.tiny, use_cpu=args.tiny, use_vllm=use_vllm, vllm_mode="colocate",
-        vllm_gpu_memory_utilization=args.gpu_mem_util, vllm_max_model_length=cfg.data.max_prompt_tokens + length,
+        vllm_gpu_memory_utilization=gpu_mem_util, vllm_max_model_length=cfg.data.max_prompt_tokens + length,
         vllm_enable_sleep_mode=args.sleep_mode, generation_kwargs=gen_kwargs, logging_steps=1, report_to="none",
         save_strategy="no", seed=args.seed, dataloader_num_workers=0, log_completions=False)
     setting = {
@@ -218,7 +221,7 @@ def main() -> None:
         "prompts_per_step": cfg.trainer.prompts_per_step, "num_generations": cfg.rollout.n, "sequences_per_step": seqs,
         "per_device_train_batch_size": micro, "gradient_accumulation_steps": seqs // micro,
         "max_completion_length": length, "generation_kwargs": gen_kwargs, "use_vllm": use_vllm,
-        "vllm_mode": "colocate" if use_vllm else None, "vllm_gpu_memory_utilization": args.gpu_mem_util,
+        "vllm_mode": "colocate" if use_vllm else None, "vllm_gpu_memory_utilization": gpu_mem_util,
         "vllm_enable_sleep_mode": args.sleep_mode, "lora": {"r": m.lora_rank, "alpha": m.lora_alpha,
         "targets": m.lora_target_modules}, "beta": cfg.algorithm.kl_coef, "entropy_coef": cfg.algorithm.entropy_coef,
         "loss_type": targs.loss_type, "gradient_checkpointing": True, "bf16": not args.tiny, "lr": cfg.optim.lr,
