@@ -100,12 +100,16 @@ def micro_batches(cut: Cut, order: list[int], lengths: list[int]) -> list[list[i
     return even_out(bins, distributed.all_max(len(bins)), lengths, cut.packed)
 
 
+def rows_per_mini(rows: int, t: TrainerConfig) -> int:
+    """This rank's rows in one mini-batch (mini_batch_prompts of prompts_per_step)."""
+    return rows * t.mini_batch_prompts // t.prompts_per_step
+
+
 def rows_needing_old_logprobs(rows: int, t: TrainerConfig) -> list[int]:
     """The rows whose mini-batch runs after an optimizer step. The first mini-batch of a one-epoch
     update sees the weights that sampled it: its old log-probs are the detached current ones
     (exact), so it needs no pass of its own (train_step's first_mini_on_policy)."""
-    per_mini = rows * t.mini_batch_prompts // t.prompts_per_step
-    return list(range(per_mini if t.ppo_epochs == 1 else 0, rows))
+    return list(range(rows_per_mini(rows, t) if t.ppo_epochs == 1 else 0, rows))
 
 
 @torch.no_grad()
@@ -140,14 +144,14 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
     update is the same for 1 and N ranks."""
     t = cfg.trainer
     world = policy.info.world_size
-    rows_per_mini = len(batch) * t.mini_batch_prompts // t.prompts_per_step
+    per_mini = rows_per_mini(len(batch), t)
     cut = Cut(t.micro_batch_size, t.micro_batch_tokens, t.pack_sequences)
     lengths = batch.attention_mask.sum(dim=1).tolist()
     tally = Slots()
     stats: dict[str, list[float]] = {}
     for _epoch in range(t.ppo_epochs):
-        for mini_start in range(0, len(batch), rows_per_mini):
-            mini_rows = by_length(batch, list(range(mini_start, mini_start + rows_per_mini)))
+        for mini_start in range(0, len(batch), per_mini):
+            mini_rows = by_length(batch, list(range(mini_start, mini_start + per_mini)))
             denominator = distributed.all_sum(algorithm.aggregate_weight(batch.response_mask[mini_rows], cfg.algorithm.loss_agg))
             optimizer.zero_grad(set_to_none=True)
             for rows in micro_batches(cut, mini_rows, lengths):
@@ -169,7 +173,7 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
             # Freed now, not at the next step's first mini-batch: the rollout, log-prob and
             # sync stages (and a checkpoint) then hold no gradients (grpo_core.memory's stages).
             optimizer.zero_grad(set_to_none=True)
-    minis = t.ppo_epochs * (len(batch) // rows_per_mini)
+    minis = t.ppo_epochs * (len(batch) // per_mini)
     out = {k: (sum(v) / minis if k not in ("grad_norm", "lr") else sum(v) / len(v)) for k, v in stats.items()}
     return out | {"update_padding_fraction": tally.padding_fraction}
 
@@ -223,7 +227,8 @@ def grpo_step(tr: Trainer, on_stage: StageListener | None = None) -> dict[str, f
                                               reference=True, **cut)
     # ---- policy update, then the new weights into the engine
     stage("update")
-    update_stats = train_step(tr.policy, tr.optimizer, tr.scheduler, batch, cfg, first_mini_on_policy=t.ppo_epochs == 1)
+    update_stats = train_step(tr.policy, tr.optimizer, tr.scheduler, batch, cfg,
+                              first_mini_on_policy=0 not in moved_rows)
     stage("sync")
     tr.sync.push(tr.engine)
     stage("end")
