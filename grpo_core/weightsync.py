@@ -140,10 +140,14 @@ class WeightSync:
         from peft import get_peft_model_state_dict
 
         params = {n: p for n, p in self.policy.model.named_parameters() if p.requires_grad}
-        owner = {id(p): n for n, p in params.items()}
         # peft's own naming, once: its default save_embedding_layers="auto"
-        # re-reads the base model's config (or asks the Hub) at every call.
-        named = get_peft_model_state_dict(self.policy.model, state_dict=params, save_embedding_layers=False)
+        # re-reads the base model's config (or asks the Hub) at every call. It is
+        # given shape-only stand-ins, not the parameters: peft >= 0.22 gathers
+        # DTensors (FSDP2) into new tensors, a collective whose results could no
+        # longer be traced back to their parameters by identity.
+        stand_ins = {n: torch.empty(p.shape, device="meta") for n, p in params.items()}
+        owner = {id(t): n for n, t in stand_ins.items()}
+        named = get_peft_model_state_dict(self.policy.model, state_dict=stand_ins, save_embedding_layers=False)
         config = self.policy.model.peft_config["default"]
         # Plain per-module A/B pairs only; anything else keeps vLLM's own scaling.
         fold = not (config.rank_pattern or config.alpha_pattern) and all(
