@@ -122,6 +122,11 @@ class TrainerConfig:
     # a micro-batch's rows as one sequence (positions restart per row, attention stays within a row): no padding
     # slots. On a GPU pair it with model.attn_implementation=flex_attention (sdpa computes the whole packed square)
     pack_sequences: bool = False
+    # each prompt's rollout.n responses as one sequence behind a single copy of the prompt (a mask keeps the
+    # responses apart): the prompt's tokens are computed once per group, not n times, in the log-prob passes and
+    # the update. The cut's units are then groups: micro_batch_tokens counts groups x the longest group,
+    # micro_batch_size rows make micro_batch_size // n groups (at least one)
+    share_prompts: bool = False
     # token slots per forward/backward instead of micro_batch_size rows (0: rows): rows longest first, binned so
     # each pass holds at most this many (padded: rows x the longest; packed: their tokens); a longer row runs alone
     micro_batch_tokens: int = 0
@@ -260,6 +265,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step={t.prompts_per_step}"
         )
+    if t.share_prompts and t.pack_sequences:
+        raise ConfigError("trainer.share_prompts=true and trainer.pack_sequences=true are two layouts of the same "
+                          "rows; choose one")
+    if t.share_prompts and m.attn_implementation != "sdpa":
+        raise ConfigError(f"trainer.share_prompts=true needs model.attn_implementation=sdpa (its per-group mask), "
+                          f"not {m.attn_implementation}")
     if cfg.model.share_base_weights:
         conflicts = {
             "model.lora_rank=0 (full fine-tuning updates the base)": cfg.model.lora_rank == 0,

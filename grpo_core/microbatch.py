@@ -13,6 +13,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 
+def longest_first(units: Sequence[int], lengths: Sequence[int]) -> list[int]:
+    """Units longest first: micro-batches of like lengths carry little padding (each is trimmed to
+    its own longest unit), and the first is the largest."""
+    return sorted(units, key=lambda u: (-lengths[u], u))
+
+
+def unit_rows(units: Sequence[int], group: int) -> list[int]:
+    """The rows of `units` when each unit is `group` consecutive rows (a prompt's group, or a row alone)."""
+    return [u * group + i for u in units for i in range(group)]
+
+
 def slots(rows: Sequence[int], lengths: Sequence[int], packed: bool) -> int:
     """Token slots one micro-batch of `rows` computes."""
     if not rows:

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from . import constants
 from .algorithm import entropy_from_logits, lm_head_logprobs, token_logprobs
-from .batch import pack_rows
+from .batch import FlatRows
 from .config import ModelConfig, TrainerConfig
 from .distributed import DistInfo
 
@@ -256,16 +256,16 @@ class Policy:
 
     def forward_logprobs(
         self, input_ids: Tensor, attention_mask: Tensor, temperature: float, *, reference: bool = False,
-        with_entropy: bool = False, entropy_grad: bool = False, packed: bool = False,
+        with_entropy: bool = False, entropy_grad: bool = False, layout: FlatRows | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probs of input_ids[:, 1:] under the policy, shape [B, T-1] (fp32),
         and their entropy if asked (differentiable only with entropy_grad).
 
         The LM head is applied a chunk of tokens at a time to the final hidden
         states (algorithm.lm_head_logprobs), so the [B, T, vocab] logits and
-        their gradient never exist. packed: the rows run as one sequence
-        without padding (batch.pack_rows); the results come back in the same
-        [B, T-1] layout, 0 where a position scores no token of its row.
+        their gradient never exist. `layout` (batch.pack_rows, batch.group_prompts):
+        the same rows run in that layout instead of padded; the results come back
+        in the same [B, T-1] layout, 0 where the layout scores nothing.
         """
         if reference and self.is_lora:
             ctx = self._adapter_disabled()
@@ -275,33 +275,33 @@ class Policy:
             module = self.reference if reference else self.model
         hf = module.get_base_model() if hasattr(module, "get_base_model") else module
         head = hf.get_output_embeddings()
-        if packed:
-            # use_cache=False matters: with a cache transformers ignores the restarts (attention would cross rows).
-            rows = pack_rows(input_ids, attention_mask)
-            ids, mask, positions = rows.input_ids, None, rows.position_ids
-            scored, targets = rows.sources, rows.input_ids[0, rows.sources + 1]
+        if layout is not None:
+            # use_cache=False matters: with a cache transformers ignores packed rows' restarts.
+            ids, mask, positions = layout.input_ids, layout.attention_mask, layout.position_ids
+            # [1, M, ...]: the scored positions as one row
+            pick = lambda x: x.reshape(-1, *x.shape[2:])[layout.sources][None]  # noqa: E731
+            targets = layout.targets[None]
         else:
-            ids, mask, positions, scored, targets = input_ids, attention_mask, None, slice(None, -1), input_ids[:, 1:]
-        if type(head) is not nn.Linear:
-            # e.g. peft-wrapped (lm_head in the LoRA targets) or its own FSDP
-            # unit: only its forward knows its effective weight.
-            with ctx:
-                logits = module(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-            logits = logits[0, scored][None] if packed else logits[:, scored]
-            out = _logprobs_from_logits(logits, targets[None] if packed else targets, temperature, with_entropy,
-                                        entropy_grad)
-            return _unpacked(out, rows.scored) if packed else out
+            ids, mask, positions, targets = input_ids, attention_mask, None, input_ids[:, 1:]
+            pick = lambda x: x[:, :-1]  # noqa: E731
+        # The head runs inside the context too: leaving peft's disable_adapter reshards an FSDP2 root whose
+        # first forward ran in it (a step's first pass is the reference's when one mini-batch needs no old log-probs).
         with ctx:
-            hidden = _final_hidden(module, hf, ids, mask, positions)
-        if isinstance(head.weight, DTensor):
-            raise RuntimeError("lm_head is still sharded after the root forward (the FSDP2 root must not reshard after forward)")
-        hidden = hidden[0, scored] if packed else hidden[:, scored]
-        logprobs, entropy = lm_head_logprobs(
-            hidden, head.weight, head.bias, targets, temperature=temperature, with_entropy=with_entropy
-        )
-        if entropy is not None and not entropy_grad:
-            entropy = entropy.detach()
-        return _unpacked((logprobs, entropy), rows.scored) if packed else (logprobs, entropy)
+            if type(head) is not nn.Linear:
+                # e.g. peft-wrapped (lm_head in the LoRA targets) or its own FSDP
+                # unit: only its forward knows its effective weight.
+                logits = module(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+                out = _logprobs_from_logits(pick(logits), targets, temperature, with_entropy, entropy_grad)
+            else:
+                hidden = _final_hidden(module, hf, ids, mask, positions)
+                if isinstance(head.weight, DTensor):
+                    raise RuntimeError("lm_head is still sharded after the root forward (the FSDP2 root must not "
+                                       "reshard after forward)")
+                out = lm_head_logprobs(pick(hidden), head.weight, head.bias, targets, temperature=temperature,
+                                       with_entropy=with_entropy)
+        if out[1] is not None and not entropy_grad:
+            out = (out[0], out[1].detach())
+        return _unpacked(out, layout.scored) if layout is not None else out
 
     @contextmanager
     def _adapter_disabled(self) -> Iterator[None]:

@@ -24,11 +24,11 @@ import yaml
 from . import algorithm, checkpoint, config, distributed, rundir
 from .cli import ArgumentParser
 from .exitcodes import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_ENVIRONMENT, EXIT_OK, EXIT_PREEMPTED
-from .batch import RolloutBatch, pack
+from .batch import RolloutBatch, lay_out, pack, unit_lengths
 from .config import ConfigError, TrainConfig, TrainerConfig
 from .data import DataError
 from .keyref import format_keys
-from .microbatch import Cut, Slots, even_out
+from .microbatch import Cut, Slots, even_out, longest_first, unit_rows
 from .model_path import ModelPathError
 from .plots import write_curves
 from .preemption import WALLTIME, Preemption
@@ -62,7 +62,7 @@ def forward_backward(policy, mb: RolloutBatch, cfg: TrainConfig, loss_scale: flo
     a = cfg.algorithm
     logprobs, entropy = policy.forward_logprobs(
         mb.input_ids, mb.attention_mask, cfg.rollout.temperature, with_entropy=True, entropy_grad=a.entropy_coef != 0,
-        packed=cfg.trainer.pack_sequences,
+        layout=lay_out(mb, cfg.trainer.pack_sequences, prompt_group(cfg)),
     )
     old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
     # Dr.GRPO's divisor is a constant (the longest response allowed), not the
@@ -86,15 +86,18 @@ def forward_backward(policy, mb: RolloutBatch, cfg: TrainConfig, loss_scale: flo
     return out
 
 
-def by_length(batch: RolloutBatch, rows: list[int]) -> list[int]:
-    """Rows longest first: micro-batches of like lengths carry little padding
-    (each is trimmed to its own longest row), and the first is the largest."""
-    lengths = batch.attention_mask.sum(dim=1).tolist()
-    return sorted(rows, key=lambda r: (-lengths[r], r))
+def prompt_group(cfg: TrainConfig) -> int:
+    """Rows per unit of a pass: a prompt's rollout.n rows with trainer.share_prompts, else one."""
+    return cfg.rollout.n if cfg.trainer.share_prompts else 1
+
+
+def pass_cut(rows: int, tokens: int, packed: bool, group: int) -> Cut:
+    """A pass's cut in units: `rows` rows make rows // group units (at least one)."""
+    return Cut(max(1, rows // group), tokens, packed)
 
 
 def micro_batches(cut: Cut, order: list[int], lengths: list[int]) -> list[list[int]]:
-    """This rank's passes over `order`, as many as the rank with the most
+    """This rank's passes over `order` (units), as many as the rank with the most
     (FSDP's collectives pair up pass by pass); an empty one is a filler."""
     bins = cut.bins(order, lengths)
     return even_out(bins, distributed.all_max(len(bins)), lengths, cut.packed)
@@ -114,20 +117,22 @@ def rows_needing_old_logprobs(rows: int, t: TrainerConfig) -> list[int]:
 
 @torch.no_grad()
 def batched_logprobs(policy, batch: RolloutBatch, micro: int, temperature: float, *, reference: bool,
-                     packed: bool = False, tokens: int = 0, slots: Slots | None = None,
+                     packed: bool = False, group: int = 1, tokens: int = 0, slots: Slots | None = None,
                      only: list[int] | None = None) -> torch.Tensor:
-    """Log-probs of every row (or of the rows `only`; the others stay 0), `micro` rows (or `tokens`
-    token slots) per pass; `slots` tallies the passes."""
+    """Log-probs of every row (or of the rows `only`, whole groups; the others stay 0), `micro` rows
+    (or `tokens` token slots) per pass, in units of `group` rows; `slots` tallies the passes."""
     out = torch.zeros_like(batch.response_mask)
-    lengths = batch.attention_mask.sum(dim=1).tolist()
-    order = by_length(batch, list(range(len(batch))) if only is None else only)
-    for rows in micro_batches(Cut(micro, tokens, packed), order, lengths):
-        run = rows or order[-1:]  # a filler runs the shortest row and keeps nothing
-        mb = batch.select(run).to(policy.info.device)
-        lp, _ = policy.forward_logprobs(mb.input_ids, mb.attention_mask, temperature, reference=reference, packed=packed)
+    lengths = unit_lengths(batch, group)
+    order = longest_first(range(len(lengths)) if only is None else sorted({r // group for r in only}), lengths)
+    for units in micro_batches(pass_cut(micro, tokens, packed, group), order, lengths):
+        run = units or order[-1:]  # a filler runs the shortest unit and keeps nothing
+        rows = unit_rows(run, group)
+        mb = batch.select(rows).to(policy.info.device)
+        lp, _ = policy.forward_logprobs(mb.input_ids, mb.attention_mask, temperature, reference=reference,
+                                        layout=lay_out(mb, packed, group))
         if slots is not None:
-            slots.add(run, lengths, packed, counts=bool(rows))
-        if rows:
+            slots.add(run, lengths, packed, counts=bool(units))
+        if units:
             out[rows, : lp.shape[1]] = lp.float().cpu()
     policy.end_no_grad_passes()
     return out
@@ -144,21 +149,26 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
     update is the same for 1 and N ranks."""
     t = cfg.trainer
     world = policy.info.world_size
-    per_mini = rows_per_mini(len(batch), t)
-    cut = Cut(t.micro_batch_size, t.micro_batch_tokens, t.pack_sequences)
-    lengths = batch.attention_mask.sum(dim=1).tolist()
+    per_mini, group = rows_per_mini(len(batch), t), prompt_group(cfg)
+    if per_mini % group:
+        raise ValueError(f"a mini-batch of {per_mini} rows on this rank splits prompt groups of {group} "
+                         "(trainer.share_prompts needs trainer.mini_batch_prompts divisible by the ranks)")
+    cut = pass_cut(t.micro_batch_size, t.micro_batch_tokens, t.pack_sequences, group)
+    lengths = unit_lengths(batch, group)
     tally = Slots()
     stats: dict[str, list[float]] = {}
     for _epoch in range(t.ppo_epochs):
         for mini_start in range(0, len(batch), per_mini):
-            mini_rows = by_length(batch, list(range(mini_start, mini_start + per_mini)))
-            denominator = distributed.all_sum(algorithm.aggregate_weight(batch.response_mask[mini_rows], cfg.algorithm.loss_agg))
+            mini_units = longest_first(range(mini_start // group, (mini_start + per_mini) // group), lengths)
+            denominator = distributed.all_sum(algorithm.aggregate_weight(
+                batch.response_mask[unit_rows(mini_units, group)], cfg.algorithm.loss_agg))
             optimizer.zero_grad(set_to_none=True)
-            for rows in micro_batches(cut, mini_rows, lengths):
-                # A filler (another rank has more passes) runs the shortest row with weight 0.
-                run = rows or mini_rows[-1:]
+            for units in micro_batches(cut, mini_units, lengths):
+                # A filler (another rank has more passes) runs the shortest unit with weight 0.
+                rows = unit_rows(units, group)
+                run = unit_rows(units or mini_units[-1:], group)
                 weight = algorithm.aggregate_weight(batch.response_mask[rows], cfg.algorithm.loss_agg) if rows else 0.0
-                tally.add(run, lengths, cut.packed, counts=bool(rows))
+                tally.add(units or mini_units[-1:], lengths, cut.packed, counts=bool(units))
                 scale = world * weight / max(denominator, 1.0)
                 mb = batch.select(run).to(policy.info.device)
                 if first_mini_on_policy and _epoch == 0 and mini_start == 0:
@@ -217,7 +227,7 @@ def grpo_step(tr: Trainer, on_stage: StageListener | None = None) -> dict[str, f
     # (before that the detached current ones are exact), reference for KL
     stage("reference")
     t, lp_slots = cfg.trainer, Slots()
-    cut = dict(packed=t.pack_sequences, tokens=t.logprob_micro_batch_tokens, slots=lp_slots)
+    cut = dict(packed=t.pack_sequences, group=prompt_group(cfg), tokens=t.logprob_micro_batch_tokens, slots=lp_slots)
     moved_rows = rows_needing_old_logprobs(len(batch), t)
     if moved_rows:
         batch.old_logprobs = batched_logprobs(tr.policy, batch, t.logprob_micro, cfg.rollout.temperature,

@@ -55,10 +55,10 @@ def test_compiled_blocks_equal_eager(model_dir, layout):
     same.attention_mask[:] = 1
     same.response_mask[:, : same.response_mask.shape[1] // 2] = 0
     batches.append(same)
-    eager = [(_logprobs(policy, b), grads_after(policy, b, cfg, packed=False)) for b in batches]
+    eager = [(_logprobs(policy, b), grads_after(policy, b, cfg)) for b in batches]
     set_compiled(policy.model, True)
     assert all(b._compiled_call_impl is not None for b in blocks)
-    compiled = [(_logprobs(policy, b), grads_after(policy, b, cfg, packed=False)) for b in batches]
+    compiled = [(_logprobs(policy, b), grads_after(policy, b, cfg)) for b in batches]
     for b, (want, got) in enumerate(zip(eager, compiled)):
         mask = batches[b].response_mask.bool()
         for (lp_w, ent_w), (lp_g, ent_g) in zip(want[0], got[0]):

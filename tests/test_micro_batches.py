@@ -10,9 +10,9 @@ import torch
 
 from grpo_core import config
 from grpo_core.algorithm import LOSS_AGG_MODES
-from grpo_core.batch import pack
-from grpo_core.microbatch import Slots, by_tokens, even_out
-from grpo_core.train import batched_logprobs, by_length, train_step
+from grpo_core.batch import pack, unit_lengths
+from grpo_core.microbatch import Slots, by_tokens, even_out, longest_first
+from grpo_core.train import batched_logprobs, train_step
 
 ROWS = 8
 
@@ -58,7 +58,7 @@ def one_update(model_dir, loss_agg: str, micro: int, *extra: str) -> dict[str, t
 
 def test_rows_sort_longest_first_and_stably():
     batch = pack([[1], [1, 2], [1], [1, 2, 3]], [[5], [5], [5, 6], [5]], torch.zeros(4), 0)
-    assert by_length(batch, [0, 1, 2, 3]) == [3, 1, 2, 0]
+    assert longest_first([0, 1, 2, 3], unit_lengths(batch, 1)) == [3, 1, 2, 0]
 
 
 def test_token_bins_by_hand():

@@ -71,6 +71,7 @@ def test_packed_layout_by_hand():
     # position t of a row scores its token t+1: rows of 3, 2, 4 tokens score 2, 1, 3
     assert p.scored.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
     assert p.sources.tolist() == [0, 1, 3, 5, 6, 7]
+    assert p.targets.tolist() == [6, 7, 9, 2, 3, 4]
     with pytest.raises(ValueError, match="right-padded"):
         pack_rows(ids, torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]))
 
@@ -90,7 +91,7 @@ def test_packed_logprobs_and_entropy_equal_padded(model_dir, layout):
             padded = policy.forward_logprobs(batch.input_ids, batch.attention_mask, 0.7, reference=reference,
                                              with_entropy=True)
             packed = policy.forward_logprobs(batch.input_ids, batch.attention_mask, 0.7, reference=reference,
-                                             with_entropy=True, packed=True)
+                                             with_entropy=True, layout=pack_rows(batch.input_ids, batch.attention_mask))
         assert packed[0].shape == padded[0].shape == batch.response_mask.shape
         assert padded[0][mask].lt(-0.5).all()  # real values, not zeros
         for got, want in zip(packed, padded):
@@ -107,8 +108,8 @@ def test_attention_stays_within_a_row(model_dir):
     n0 = int(batch.attention_mask[0].sum())
     other[0, :n0] = (other[0, :n0] + 1) % vocab_of(policy)
     with torch.no_grad():
-        a = policy.forward_logprobs(batch.input_ids, batch.attention_mask, 1.0, packed=True)[0]
-        b = policy.forward_logprobs(other, batch.attention_mask, 1.0, packed=True)[0]
+        a = policy.forward_logprobs(batch.input_ids, batch.attention_mask, 1.0, layout=pack_rows(batch.input_ids, batch.attention_mask))[0]
+        b = policy.forward_logprobs(other, batch.attention_mask, 1.0, layout=pack_rows(other, batch.attention_mask))[0]
         hf = policy.model
         p = pack_rows(batch.input_ids, batch.attention_mask)
         leaky = hf(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=True).logits
@@ -118,7 +119,7 @@ def test_attention_stays_within_a_row(model_dir):
     assert (leaky[0, n0:] - sealed[0, n0:]).abs().max() > 100 * LOGPROB_ATOL  # the trap this path avoids
 
 
-def grads_after(policy, batch, cfg, packed: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def grads_after(policy, batch, cfg, packed: bool = False) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     cfg = config.validate(config.build(config.TrainConfig, config.apply_overrides(
         config.TrainConfig, config.to_dict(cfg), [f"trainer.pack_sequences={str(packed).lower()}"])))
     for p in policy.trainable_parameters():

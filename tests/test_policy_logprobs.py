@@ -132,14 +132,17 @@ def test_forward_logprobs_equals_full_logits(model_dir, info, mode):
         assert (ref_lp - lp.detach()).abs().max() > 1e-3
 
 
-def test_bf16_lora_whose_first_forward_is_the_reference_pass_trains(model_dir, info):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_whose_first_forward_is_the_reference_pass_trains(model_dir, info, dtype):
     """A step's first policy forward is the reference pass (adapter off).
     FSDP2 initialises there; peft's disable_adapter clearing the adapter's
     requires_grad made it reduce the fp32 adapter's grads in bf16, and the
-    first backward failed (seen on the H200, reproduced here)."""
+    first backward failed (seen on the H200, reproduced here). In fp32,
+    leaving disable_adapter resharded the root before the head ran
+    ("lm_head is still sharded")."""
     from grpo_core.policy import Policy
 
-    cfg = config.load(None, [f"model.path={model_dir}", "model.dtype=bfloat16", *MODES["lora"]])
+    cfg = config.load(None, [f"model.path={model_dir}", f"model.dtype={dtype}", *MODES["lora"]])
     torch.manual_seed(0)
     policy = Policy(str(model_dir), cfg.model, cfg.trainer, info, needs_reference=False)
     batch = make_batch(policy.model.get_base_model().config.vocab_size)
@@ -170,10 +173,10 @@ def test_gradients_after_a_no_grad_pass_equal_a_fresh_backward(model_dir, overri
 
     policy, cfg = make_policy(model_dir, *overrides)
     batch = make_batch(vocab_of(policy))
-    _, fresh = grads_after(policy, batch, cfg, packed=False)
+    _, fresh = grads_after(policy, batch, cfg)
     for _ in range(2):
         batched_logprobs(policy, batch, 4, 1.0, reference=False)
-        _, after = grads_after(policy, batch, cfg, packed=False)
+        _, after = grads_after(policy, batch, cfg)
         assert fresh.keys() == after.keys() and len(fresh) > 0
         for name, g in fresh.items():
             torch.testing.assert_close(after[name], g, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")

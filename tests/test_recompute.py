@@ -40,7 +40,7 @@ def run(model_dir, layout: tuple[str, ...], k: int, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(modeling_qwen2.Qwen2DecoderLayer, "forward", counted)
-    stats, grads = grads_after(policy, make_batch(vocab_of(policy)), cfg, packed=False)
+    stats, grads = grads_after(policy, make_batch(vocab_of(policy)), cfg)
     monkeypatch.undo()
     return stats, grads, calls
 
