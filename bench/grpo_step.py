@@ -115,10 +115,13 @@ def measure(ctx) -> None:
             metrics = T.grpo_step(tr, on_stage=meter)
             stage_peak = max([v["peak_device_gib"] for v in meter.stats.values()] + [ctx.sampler.peak()])
             rows = [len(p) + len(x.token_ids) for p, group in zip(*shaped.last) for x in group]  # the update's rows
+            # what the passes compute: with trainer.share_prompts each prompt once per group
+            groups = [len(p) + sum(len(x.token_ids) for x in group) for p, group in zip(*shaped.last)]
             steps.append({"metrics": metrics, "stages": copy.deepcopy(meter.stats), "step_device_peak_gib": stage_peak,
                           "max_tokens": list(shaped.limits), "prompt_lens": [len(p) for p in shaped.last[0]],
                           "padding_to_longest": 1.0 - sum(rows) / (len(rows) * max(rows)),
-                          "update_tokens": sum(rows) * cfg.trainer.ppo_epochs})
+                          "update_tokens": sum(rows) * cfg.trainer.ppo_epochs,
+                          "computed_tokens": (sum(groups) if cfg.trainer.share_prompts else sum(rows)) * cfg.trainer.ppo_epochs})
     finally:
         tr.engine = eng
 
@@ -139,7 +142,8 @@ def measure(ctx) -> None:
         "micro_batch_size": cfg.trainer.micro_batch_size, "mini_batch_prompts": cfg.trainer.mini_batch_prompts,
         "logprob_micro_batch_size": cfg.trainer.logprob_micro, "micro_batch_tokens": cfg.trainer.micro_batch_tokens,
         "logprob_micro_batch_tokens": cfg.trainer.logprob_micro_batch_tokens,
-        "pack_sequences": cfg.trainer.pack_sequences, "attn_implementation": cfg.model.attn_implementation,
+        "pack_sequences": cfg.trainer.pack_sequences, "share_prompts": cfg.trainer.share_prompts,
+        "attn_implementation": cfg.model.attn_implementation,
         "compile": cfg.model.compile,
         "lora_rank": cfg.model.lora_rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "recompute_layers": cfg.model.recompute_layers,
@@ -155,7 +159,10 @@ def measure(ctx) -> None:
     out = ctx.out
     flops = _update_flops(ctx)
     update_tokens = float(np.mean([s["update_tokens"] for s in steps]))
+    computed_tokens = float(np.mean([s["computed_tokens"] for s in steps]))
     bound = _bound(ctx.cfg, flops, update_tokens, tokens, times)
+    if computed_tokens != update_tokens:  # shared prompts: the same bound over the tokens the passes compute
+        bound["computed_tokens"] = _bound(ctx.cfg, flops, computed_tokens, tokens, times)
     common.record("grpo_step_tokens_per_s_per_gpu", tps, "tokens/s", f"target (issue): {TARGET_TPS:,} tokens/s/GPU",
                   float(TARGET_TPS), out, target={"op": ">=", "value": TARGET_TPS}, bound=bound,
                   ratio_to_bound=tps / bound["tokens_per_s"], times_s=times, setting=setting)
@@ -173,7 +180,7 @@ def measure(ctx) -> None:
         common.record(f"grpo_step_peak_gib_{name}", peaks[name]["peak_device_gib"], "GiB",
                       f"{args.mem_target:g} GiB (target)", args.mem_target, out, higher_is_better=False,
                       source=ctx.sampler.source, torch_peaks=peaks[name])
-    _update_records(ctx, steps, avg("time_update"), update_tokens, flops, setting)
+    _update_records(ctx, steps, avg("time_update"), update_tokens, computed_tokens, flops, setting)
     _planner(ctx, cfg, peaks, step_peak, max(plens), max(lengths))
 
 
@@ -188,8 +195,10 @@ def _update_flops(ctx) -> dict:
     return {"n": n, "model": model, "model_how": model_how, "hardware": hardware, "hardware_how": hardware_how}
 
 
-def _update_records(ctx, steps, time_update: float, update_tokens: float, flops: dict, setting: dict) -> None:
-    """The update stage: its padding fraction and its MFU."""
+def _update_records(ctx, steps, time_update: float, update_tokens: float, computed_tokens: float, flops: dict,
+                    setting: dict) -> None:
+    """The update stage: its padding fraction and its MFU (over the tokens it computes: with shared
+    prompts each prompt once per group, not once per row)."""
     import numpy as np
 
     cfg = ctx.cfg
@@ -200,16 +209,17 @@ def _update_records(ctx, steps, time_update: float, update_tokens: float, flops:
                   how="the trainer's update_padding_fraction: padding slots / all token slots of the update's "
                       "micro-batches", pack_sequences=cfg.trainer.pack_sequences,
                   micro_batch_tokens=cfg.trainer.micro_batch_tokens)
-    tps = update_tokens / time_update
+    tps = computed_tokens / time_update
     common.record("grpo_step_lora_update_mfu", meters.mfu(tps, flops["model"]), "fraction",
                   f"target (issue): MFU {TARGET_MFU:g}", TARGET_MFU, ctx.out, target={"op": ">=", "value": TARGET_MFU},
                   flops_per_token=flops["model"], flops_counted=flops["model_how"],
                   hardware_flops_utilization=meters.mfu(tps, flops["hardware"]),
                   hardware_flops_per_token=flops["hardware"], hardware_flops_counted=flops["hardware_how"],
                   peak_flops=meters.H200_BF16_PEAK_FLOPS, update_tokens_per_s=tps, update_tokens=update_tokens,
-                  time_update_s=time_update,
-                  note="real (unpadded) tokens x ppo_epochs over the update stage's seconds (padding slots not "
-                       "counted)", setting=setting)
+                  time_update_s=time_update, computed_tokens=computed_tokens,
+                  note="computed (unpadded) tokens x ppo_epochs over the update stage's seconds (padding slots not "
+                       "counted; with share_prompts a prompt counts once per group, as it is computed)",
+                  setting=setting)
 
 
 def _bound(cfg, flops: dict, update_tokens: float, step_tokens: float, times: dict) -> dict:

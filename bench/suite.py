@@ -27,6 +27,9 @@ def parse(argv=None):
     p.add_argument("--gpu-mem-util", type=float, default=None,
                    help="vLLM gpu_memory_utilization (default: the GiB the recipe gives vLLM on an 80 GiB GPU, "
                         "0.7 x 80 = 56: 0.4 of an H200)")
+    p.add_argument("--recipe-vllm-fraction", type=float, default=None,
+                   help="a recipe gpu_memory_utilization (of an 80 GiB GPU) to give vLLM instead of the profile's, "
+                        "translated to this GPU like the profile's (an older recipe's engine as the same-run baseline)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile (faster start, slower decode)")
     rollout.add_args(p)
     sync.add_args(p)
@@ -81,7 +84,7 @@ def build_context(args) -> Context:
     t0 = time.perf_counter()
     path = common.shape_dir(args, shape, data)
     util = args.gpu_mem_util if args.gpu_mem_util is not None else common.recipe_vllm_fraction(
-        common.recipe(args.profile, []).rollout.gpu_memory_utilization)
+        args.recipe_vllm_fraction or common.recipe(args.profile, []).rollout.gpu_memory_utilization)
     hi = args.len_max if args.len_max is not None else (20 if args.tiny else 400)
     rollout_len = (args.rollout_prompt_tokens or (16 if args.tiny else 256)) + (args.rollout_max_tokens or (16 if args.tiny else 256))
     ov = common.bench_overrides(model_path=path, tiny=args.tiny, data=data, run_dir=Path(tempfile.mkdtemp(prefix="bench-run-")))

@@ -104,9 +104,12 @@ def group_prompts(input_ids: Tensor, attention_mask: Tensor, response_mask: Tens
     """Right-padded rows, every `group` consecutive ones sampled from one prompt, as one sequence per
     group: the prompt once, then each row's response. A response's first token is scored from the
     prompt's last position (the same hidden state its padded row has there)."""
-    rows, width = input_ids.shape
+    rows = input_ids.shape[0]
     if group < 1 or rows % group:
         raise ValueError(f"{rows} rows do not split into groups of {group}")
+    device = input_ids.device
+    # Laid out on the host (one copy, not a device sync per row), the mask built on the device.
+    input_ids, attention_mask, response_mask = input_ids.cpu(), attention_mask.cpu(), response_mask.cpu()
     lengths = attention_mask.sum(dim=1).tolist()
     prompts = prompt_lengths(attention_mask, response_mask)
     ids, positions, segments, sources, targets = [], [], [], [], []
@@ -130,7 +133,6 @@ def group_prompts(input_ids: Tensor, attention_mask: Tensor, response_mask: Tens
         segments.append(seg)
     span = max(len(s) for s in ids)
     pad = lambda xs, fill: torch.tensor([x + [fill] * (span - len(x)) for x in xs], dtype=torch.long)  # noqa: E731
-    device = input_ids.device
     seg = pad(segments, -1).to(device)
     query, key = seg[:, :, None], seg[:, None, :]
     causal = torch.ones(span, span, dtype=torch.bool, device=device).tril()
@@ -138,8 +140,8 @@ def group_prompts(input_ids: Tensor, attention_mask: Tensor, response_mask: Tens
     # A padding position sees itself: a query with nothing to attend to would give NaN.
     sees |= torch.eye(span, dtype=torch.bool, device=device) & (query < 0)
     flat_sources = torch.tensor([g * span + s for g, ss in sources for s in ss], dtype=torch.long)
-    return FlatRows(pad(ids, 0).to(device), pad(positions, 0).to(device), sees[:, None], response_mask.bool(),
-                    flat_sources.to(device), torch.tensor(targets, dtype=torch.long, device=device))
+    return FlatRows(pad(ids, 0).to(device), pad(positions, 0).to(device), sees[:, None], response_mask.bool().to(device),
+                    flat_sources.to(device), torch.tensor(targets, dtype=torch.long).to(device))
 
 
 def unit_lengths(batch: RolloutBatch, group: int) -> list[int]:

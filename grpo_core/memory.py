@@ -197,8 +197,11 @@ def build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float,
     act = ACT if m.dtype == "bfloat16" else 4
     tbytes = 4  # fp32: full FT master weights (grpo_core.policy loads fp32), peft adapters; grads and Adam alike
     seq = cfg.data.max_prompt_tokens + r.max_tokens
-    tokens = pass_tokens(t.micro_batch_tokens, t.micro_batch_size, seq)
-    ref_tokens = pass_tokens(t.logprob_micro_batch_tokens, t.logprob_micro, seq)  # the no-grad log-prob passes
+    # a pass's unit: a row, or with share_prompts a prompt group (its prompt once, then n responses)
+    unit, per_pass = (cfg.data.max_prompt_tokens + r.n * r.max_tokens, r.n) if t.share_prompts else (seq, 1)
+    tokens = pass_tokens(t.micro_batch_tokens, max(1, t.micro_batch_size // per_pass) * per_pass, seq, unit)
+    ref_tokens = pass_tokens(t.logprob_micro_batch_tokens, max(1, t.logprob_micro // per_pass) * per_pass, seq,
+                             unit)  # the no-grad log-prob passes
     recomputed = m.recomputed(shape.layers)  # the first layers recompute in backward
     notes: list[str] = []
 
@@ -273,7 +276,10 @@ def build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float,
     # (activations + logits + their grad + one recomputed log-prob chunk), a layer's recompute and
     # backward come later (logits freed), and full FT's root reduce-scatter at the end (activations freed).
     # packed rows are one sequence: sdpa's and eager's [s, s] terms span the pass
-    span = lambda n: n if t.pack_sequences else seq  # noqa: E731
+    # prompt groups: one additive bf16 mask per pass, made once (grpo_core.policy), not a bias per layer
+    span = lambda n: n if t.pack_sequences else 0 if t.share_prompts else seq  # noqa: E731
+    group_mask = (lambda n: Part(f"prompt-group attention mask ({m.dtype}, [groups, {unit}, {unit}] at most)",
+                                 _gib(act * n * unit), "gpu")) if t.share_prompts else None
     act_layer, act_ref = (layer_activation_bytes(shape, span(n), full=not lora, targets=targets, rank=m.lora_rank,
                                                  attn=m.attn_implementation, act=act) for n in (tokens, ref_tokens))
     final = 4 * shape.hidden + (2 * act * shape.hidden if not lora else 0)  # final norm (+ weight, lm_head input)
@@ -297,7 +303,8 @@ def build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float,
             layer = act_ref * ref_tokens
             big = (("logits + fp32 log-softmax chunk", logits, f"layer forward {_gib(layer):.1f} GiB")
                    if logits >= layer else ("layer forward (1 layer)", layer, f"logits {_gib(logits):.1f} GiB"))
-            return [fsdp, Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")]
+            return [fsdp, Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")] + (
+                [group_mask(ref_tokens)] if group_mask else [])
         if stage == "update":
             ckpt = (shape.layers * act * shape.hidden + final) * tokens  # checkpointed layer inputs
             no_ckpt = (shape.layers * act_layer + final) * tokens
@@ -322,7 +329,7 @@ def build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float,
             big = (("logits + grad + fp32 chunk" + (" + entropy" if ent else ""), logits, f"layer backward {_gib(layer):.1f} GiB")
                    if logits >= layer else ("layer recompute + backward", layer, f"logits {_gib(logits):.1f} GiB"))
             return [fsdp, Part(f"activations ({what}, {tokens} tokens)", _gib(a), "gpu", alt),
-                    Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")]
+                    Part(big[0], _gib(big[1]), "gpu", f"the larger; {big[2]}")] + ([group_mask(tokens)] if group_mask else [])
         if stage == "update (end of backward)":  # root grads' fp32 reduce-scatter input (its output is the grad shard)
             return [fsdp_root, Part("root grads reduce-scatter input (fp32)", _gib(root * 4) if not lora else 0.0, "gpu")]
         if stage == "sync":  # full FT: WeightSync.full_weights gathers one fp32 tensor + its copy at a time; LoRA: adapter file
@@ -359,6 +366,7 @@ def build(name: str, shape: ModelShape, cfg: Any, gpus: int, gpu_mem_gib: float,
     return plan
 
 
-def pass_tokens(budget: int, rows: int, seq: int) -> int:
-    """A pass's most token slots: its token budget (a longer row runs alone), else `rows` rows of `seq`."""
-    return max(budget, seq) if budget else rows * seq
+def pass_tokens(budget: int, rows: int, seq: int, unit: int | None = None) -> int:
+    """A pass's most token slots: its token budget (a longer unit, a row of `seq` or a prompt group of
+    `unit`, runs alone), else `rows` rows of `seq`."""
+    return max(budget, unit or seq) if budget else rows * seq

@@ -162,6 +162,15 @@ def _logprobs_from_logits(
     return logprobs, entropy
 
 
+def _additive(sees: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool attention mask as an additive bias, made once per pass: sdpa would turn a bool mask into
+    a bias in every layer. Its rows are 8-aligned (a view of a wider tensor): memory-efficient sdpa
+    otherwise pads a copy of the bias in every layer."""
+    width = -(-sees.shape[-1] // 8) * 8
+    bias = torch.zeros(*sees.shape[:-1], width, dtype=dtype, device=sees.device)[..., : sees.shape[-1]]
+    return bias.masked_fill_(~sees, torch.finfo(dtype).min)
+
+
 def _unpacked(values: tuple[Tensor, Tensor | None], scored: Tensor) -> tuple[Tensor, Tensor | None]:
     """Packed per-token values ([M] or [1, M]) back into the rows' [B, T-1]
     layout (differentiably), 0 where nothing is scored."""
@@ -278,6 +287,8 @@ class Policy:
         if layout is not None:
             # use_cache=False matters: with a cache transformers ignores packed rows' restarts.
             ids, mask, positions = layout.input_ids, layout.attention_mask, layout.position_ids
+            if mask is not None:
+                mask = _additive(mask, DTYPES[self.cfg.dtype])
             # [1, M, ...]: the scored positions as one row
             pick = lambda x: x.reshape(-1, *x.shape[2:])[layout.sources][None]  # noqa: E731
             targets = layout.targets[None]

@@ -141,6 +141,15 @@ def _split(name: str) -> tuple[str, str, str]:
     return (prefix + "." if prefix else ""), module, leaf
 
 
+def child_seed_base(seed: int, n: int) -> int:
+    """The seed vLLM is given for a prompt whose own seed is `seed`. vLLM seeds
+    sample j of a request at seed + j, so consecutive per-prompt seeds (the
+    trainer's are base + prompt index) would share n - 1 random streams: the
+    same question at nearby indices got near-copies of one group. Spaced by n,
+    every (prompt, sample) has its own stream, still replayable."""
+    return seed * n
+
+
 class RolloutEngine:
     def __init__(
         self, model_path: str, cfg: RolloutConfig, *, dtype: str, seed: int, max_model_len: int,
@@ -204,7 +213,7 @@ class RolloutEngine:
         params = [
             SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, max_tokens=limits[i], ignore_eos=ignore_eos,
-                seed=None if seeds is None else seeds[i], detokenize=True,
+                seed=None if seeds is None else child_seed_base(seeds[i], n), detokenize=True,
             )
             for i in range(len(prompts))
         ]
