@@ -22,11 +22,13 @@ def _suggested(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int
     ["--profile", "h100x2", "train.trainer.micro_batch_tokens=65536", "train.model.share_base_weights=false"],
     ["--profile", "h800x4", "train.trainer.micro_batch_size=64"],
     ["--profile", "h100x2", "train.trainer.micro_batch_tokens=400000", "train.trainer.pack_sequences=true",
+     "train.trainer.share_prompts=false",
      "train.model.share_base_weights=false"],
     ["--profile", "h100x2", "train.model.gradient_checkpointing=false", "train.model.recompute_layers=0"],  # recompute some
     # h100x2 shares its base with vLLM, which refuses param_offload: advice must not offer it
     ["--profile", "h100x2", "train.trainer.micro_batch_tokens=65536"],
-    ["--profile", "h100x2", "train.trainer.micro_batch_tokens=400000", "train.trainer.pack_sequences=true"],
+    ["--profile", "h100x2", "train.trainer.micro_batch_tokens=400000", "train.trainer.pack_sequences=true",
+     "train.trainer.share_prompts=false"],
 ])
 def test_every_suggestion_pastes_into_the_same_command_and_keeps_headroom(argv, capsys, tmp_path) -> None:
     code, out, fixes = _suggested(capsys, argv)

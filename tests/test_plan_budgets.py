@@ -58,7 +58,8 @@ def _peak(argv, capsys) -> tuple[int, float]:
 
 
 def test_tune_prints_the_largest_budgets_and_the_fewest_recomputed_layers(capsys):
-    argv = ["--profile", "h100x2", "train.trainer.pack_sequences=true", "train.model.attn_implementation=flex_attention",
+    argv = ["--profile", "h100x2", "train.trainer.pack_sequences=true", "train.trainer.share_prompts=false",
+            "train.model.attn_implementation=flex_attention",
             "train.trainer.micro_batch_tokens=0", "train.trainer.logprob_micro_batch_tokens=0", "train.model.recompute_layers=0"]
     assert plan_cli.main(argv) == 0
     assert "micro_batch_tokens" not in capsys.readouterr().out  # only asked for (--tune) or set
