@@ -17,9 +17,9 @@ from grpo_core import config
 from grpo_core.algorithm import LOSS_AGG_MODES
 from grpo_core.batch import group_prompts, pack, unit_lengths
 from grpo_core.config import ConfigError
-from grpo_core.train import batched_logprobs, forward_backward, train_step
+from grpo_core.train import batched_logprobs, train_step
 
-from .test_packing import LOGPROB_ATOL, make_policy, model_dir, vocab_of  # noqa: F401 - model_dir is a fixture
+from .test_packing import LOGPROB_ATOL, grads_after, make_policy, model_dir, vocab_of  # noqa: F401 - model_dir is a fixture
 
 GROUP, PROMPTS = 3, 4
 
@@ -122,15 +122,6 @@ def test_a_response_sees_its_prompt_and_itself(model_dir):  # noqa: F811
     assert (moved[0][mask[0]] - base[0][mask[0]]).abs().max() > 0.01
     changed = logprobs(prompt_changed)
     assert all((changed[r][mask[r]] - base[r][mask[r]]).abs().max() > 0.01 for r in range(GROUP))
-
-
-def grads_after(policy, batch, cfg) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    for p in policy.trainable_parameters():
-        p.grad = None
-    stats = forward_backward(policy, batch, cfg, loss_scale=1.0)
-    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-             for n, p in policy.model.named_parameters() if p.requires_grad}
-    return stats, grads
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
