@@ -291,6 +291,11 @@ def check_layout(cfg: TrainConfig, ranks: int) -> None:
     over the same GPUs (and vLLM 0.26's TP=2 crashed in CUDA-graph capture on 2 H200s anyway). The
     layout that works is data parallel: one TP-1 engine per GPU, the full weights synced into each
     (every rank gathers them). Tensor parallelism is left to one-rank jobs."""
+    t = cfg.trainer
+    if t.share_prompts and (t.prompts_per_step % ranks or t.mini_batch_prompts % ranks):
+        raise ConfigError(f"trainer.share_prompts=true needs trainer.prompts_per_step={t.prompts_per_step} and "
+                          f"trainer.mini_batch_prompts={t.mini_batch_prompts} divisible by the {ranks} ranks "
+                          "(each rank's mini-batches hold whole prompt groups)")
     tp = cfg.rollout.tensor_parallel_size
     if tp > 1 and ranks > 1:
         raise ConfigError(f"rollout.tensor_parallel_size={tp} with {ranks} training ranks: each rank would start its "

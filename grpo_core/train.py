@@ -149,10 +149,7 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
     update is the same for 1 and N ranks."""
     t = cfg.trainer
     world = policy.info.world_size
-    per_mini, group = rows_per_mini(len(batch), t), prompt_group(cfg)
-    if per_mini % group:
-        raise ValueError(f"a mini-batch of {per_mini} rows on this rank splits prompt groups of {group} "
-                         "(trainer.share_prompts needs trainer.mini_batch_prompts divisible by the ranks)")
+    per_mini, group = rows_per_mini(len(batch), t), prompt_group(cfg)  # whole groups: config.check_layout
     cut = pass_cut(t.micro_batch_size, t.micro_batch_tokens, t.pack_sequences, group)
     lengths = unit_lengths(batch, group)
     tally = Slots()
@@ -164,11 +161,10 @@ def train_step(policy, optimizer, scheduler, batch: RolloutBatch, cfg: TrainConf
                 batch.response_mask[unit_rows(mini_units, group)], cfg.algorithm.loss_agg))
             optimizer.zero_grad(set_to_none=True)
             for units in micro_batches(cut, mini_units, lengths):
-                # A filler (another rank has more passes) runs the shortest unit with weight 0.
-                rows = unit_rows(units, group)
-                run = unit_rows(units or mini_units[-1:], group)
+                ran = units or mini_units[-1:]  # a filler (another rank has more passes): the shortest unit, weight 0
+                rows, run = unit_rows(units, group), unit_rows(ran, group)
                 weight = algorithm.aggregate_weight(batch.response_mask[rows], cfg.algorithm.loss_agg) if rows else 0.0
-                tally.add(units or mini_units[-1:], lengths, cut.packed, counts=bool(units))
+                tally.add(ran, lengths, cut.packed, counts=bool(units))
                 scale = world * weight / max(denominator, 1.0)
                 mb = batch.select(run).to(policy.info.device)
                 if first_mini_on_policy and _epoch == 0 and mini_start == 0:

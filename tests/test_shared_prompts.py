@@ -203,3 +203,11 @@ def test_grouped_update_padding_fraction_by_hand(model_dir):  # noqa: F811
 def test_share_prompts_conflicts_are_refused(bad, message):
     with pytest.raises(ConfigError, match=message):
         config.load(None, ["model.path=x", "trainer.share_prompts=true", bad])
+
+
+def test_ranks_must_hold_whole_prompt_groups():
+    cfg = config.load(None, ["model.path=x", "trainer.share_prompts=true", "trainer.prompts_per_step=6",
+                             "trainer.mini_batch_prompts=3"])
+    config.check_layout(cfg, 3)
+    with pytest.raises(ConfigError, match="divisible by the 2 ranks"):
+        config.check_layout(cfg, 2)
