@@ -1,7 +1,8 @@
 """World size 1 == world size 2: FSDP2-sharded updates (gloo, CPU) on the
 same rollouts give the same losses and the same final weights; also with
 token-budget micro-batches, where the ranks' own bin counts differ and the
-ranks even them out (else FSDP's collectives would not pair up)."""
+ranks even them out (else FSDP's collectives would not pair up), and with
+shared prompts (each rank's passes cut in whole prompt groups)."""
 from __future__ import annotations
 
 import os
@@ -17,18 +18,19 @@ from grpo_core.batch import pack
 from grpo_core.microbatch import Cut
 
 TOKENS = 24  # the token-budget mode's budget (packed): 3-4 passes per rank and mini-batch
-MODES = ("full", "lora", "lora-tokens")
+MODES = ("full", "lora", "lora-tokens", "lora-shared")
 
 STEPS = 3
 PROMPTS, N = 8, 4
 
 
-def make_batch(vocab: int, pad_id: int, step: int):
-    """Deterministic fake rollouts: PROMPTS groups of N responses."""
+def make_batch(vocab: int, pad_id: int, step: int, shared: bool = False):
+    """Deterministic fake rollouts: PROMPTS groups of N responses (shared: of one prompt each)."""
     gen = torch.Generator().manual_seed(100 + step)
     prompts, responses = [], []
-    for _ in range(PROMPTS * N):
-        prompts.append(torch.randint(3, vocab, (int(torch.randint(4, 9, (1,), generator=gen)),), generator=gen).tolist())
+    for i in range(PROMPTS * N):
+        prompt = torch.randint(3, vocab, (int(torch.randint(4, 9, (1,), generator=gen)),), generator=gen).tolist()
+        prompts.append(prompts[-1] if shared and i % N else prompt)
         responses.append(torch.randint(3, vocab, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist())
     advantages = torch.randn(PROMPTS * N, generator=gen)
     return prompts, responses, advantages
@@ -64,6 +66,8 @@ def train_mode(rank: int, world: int, info, model_dir: str, mode: str) -> dict:
         overrides += ["model.lora_rank=4", "model.lora_alpha=8"]
     if mode == "lora-tokens":
         overrides += [f"trainer.micro_batch_tokens={TOKENS}", "trainer.pack_sequences=true"]
+    if mode == "lora-shared":  # ~20-token groups: 1-3 per pass
+        overrides += ["trainer.share_prompts=true", f"rollout.n={N}", "trainer.micro_batch_tokens=40"]
     cfg = config.load(None, overrides)
     torch.manual_seed(0)
     policy = Policy(model_dir, cfg.model, cfg.trainer, info)
@@ -72,7 +76,7 @@ def train_mode(rank: int, world: int, info, model_dir: str, mode: str) -> dict:
     vocab = policy.model.config.vocab_size if not lora else policy.model.base_model.model.config.vocab_size
     losses, logprobs = [], {}
     for step in range(STEPS):
-        prompts, responses, adv = make_batch(vocab, 0, step)
+        prompts, responses, adv = make_batch(vocab, 0, step, shared=mode == "lora-shared")
         mine = rank_rows(rank, world)
         batch = pack([prompts[i] for i in mine], [responses[i] for i in mine], adv[mine], 0)
         if mode == "lora-tokens" and step == 0:  # the no-grad passes even out too (same weights on 1 and 2 ranks)
