@@ -49,15 +49,17 @@ def mean_of(records: list[dict], key: str, steps: range) -> float:
 LEARN_STEPS = 150
 
 
-@pytest.mark.parametrize("reward", ["", "tests.plugins:wrong_answer_reward"], ids=["grpo", "rewarded-for-wrong-answers"])
-def test_tiny_model_learns_synthetic_arithmetic(tmp_path, tiny_model, reward):
-    """From scratch to >= 0.8 accuracy in under 5 minutes on 2 cores; the same
-    run rewarded for wrong answers (a user's data.reward) must get worse at
-    the task: the test can fail."""
+@pytest.mark.parametrize("reward,layout", [("", ""), ("", "trainer.share_prompts=true"),
+                                           ("tests.plugins:wrong_answer_reward", "")],
+                         ids=["grpo", "grpo-shared-prompts", "rewarded-for-wrong-answers"])
+def test_tiny_model_learns_synthetic_arithmetic(tmp_path, tiny_model, reward, layout):
+    """From scratch to >= 0.8 accuracy in under 5 minutes on 2 cores, also with each
+    prompt's 16 samples behind one prompt copy; the same run rewarded for wrong
+    answers (a user's data.reward) must get worse at the task: the test can fail."""
     start = time.monotonic()
     proc = run_trainer(
         f"model.path={tiny_model}", f"trainer.run_dir={tmp_path / 'run'}", f"trainer.total_steps={LEARN_STEPS}",
-        f"data.reward={reward}", "tracking.enabled=false", "checkpoint.save_final=false",
+        f"data.reward={reward}", "tracking.enabled=false", "checkpoint.save_final=false", *([layout] if layout else []),
     )
     elapsed = time.monotonic() - start
     records = read_metrics(tmp_path / "run")
