@@ -347,8 +347,10 @@ def recipe(name: str, overrides: Sequence[str]):
 
 # Row-count micro-batches with every layer recomputed (when gradient_checkpointing is on), for the
 # benchmarks that set trainer.micro_batch_size themselves (train_step, planner_check): the recipe's
-# token budgets and partial recomputation would otherwise override their micro-batches.
-ROW_MICRO_BATCHES = ["trainer.micro_batch_tokens=0", "trainer.logprob_micro_batch_tokens=0", "model.recompute_layers=0"]
+# token budgets and partial recomputation would otherwise override their micro-batches, and their
+# rows are independent sequences, not prompt groups.
+ROW_MICRO_BATCHES = ["trainer.micro_batch_tokens=0", "trainer.logprob_micro_batch_tokens=0", "model.recompute_layers=0",
+                     "trainer.share_prompts=false"]
 
 
 def bench_overrides(*, model_path: Path, tiny: bool, data: str, run_dir: Path) -> list[str]:

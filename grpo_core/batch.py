@@ -150,6 +150,8 @@ def unit_lengths(batch: RolloutBatch, group: int) -> list[int]:
     lengths = batch.attention_mask.sum(dim=1).tolist()
     if group == 1:
         return lengths
+    if len(lengths) % group:
+        raise ValueError(f"{len(lengths)} rows do not split into prompt groups of {group}")
     prompts = prompt_lengths(batch.attention_mask, batch.response_mask)
     return [prompts[g] + sum(lengths[r] - prompts[r] for r in range(g, g + group)) for g in range(0, len(lengths), group)]
 

@@ -211,3 +211,9 @@ def test_ranks_must_hold_whole_prompt_groups():
     config.check_layout(cfg, 3)
     with pytest.raises(ConfigError, match="divisible by the 2 ranks"):
         config.check_layout(cfg, 2)
+
+
+def test_rows_that_are_not_whole_groups_are_named():
+    batch = make_batch(64)
+    with pytest.raises(ValueError, match="11 rows do not split into prompt groups of 3"):
+        unit_lengths(batch.select(range(11)), GROUP)
