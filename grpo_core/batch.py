@@ -107,7 +107,7 @@ def group_prompts(input_ids: Tensor, attention_mask: Tensor, response_mask: Tens
     rows = input_ids.shape[0]
     if group < 1 or rows % group:
         raise ValueError(f"{rows} rows do not split into groups of {group}")
-    device = input_ids.device
+    device, scored = input_ids.device, response_mask.bool()
     # Laid out on the host (one copy, not a device sync per row), the mask built on the device.
     input_ids, attention_mask, response_mask = input_ids.cpu(), attention_mask.cpu(), response_mask.cpu()
     lengths = attention_mask.sum(dim=1).tolist()
@@ -136,11 +136,11 @@ def group_prompts(input_ids: Tensor, attention_mask: Tensor, response_mask: Tens
     seg = pad(segments, -1).to(device)
     query, key = seg[:, :, None], seg[:, None, :]
     causal = torch.ones(span, span, dtype=torch.bool, device=device).tril()
-    sees = causal & (query >= 0) & (key >= 0) & ((key == 0) | (key == query))
+    sees = causal & (query >= 0) & ((key == 0) | (key == query))  # a real query: its prompt and its own response
     # A padding position sees itself: a query with nothing to attend to would give NaN.
     sees |= torch.eye(span, dtype=torch.bool, device=device) & (query < 0)
     flat_sources = torch.tensor([g * span + s for g, ss in sources for s in ss], dtype=torch.long)
-    return FlatRows(pad(ids, 0).to(device), pad(positions, 0).to(device), sees[:, None], response_mask.bool().to(device),
+    return FlatRows(pad(ids, 0).to(device), pad(positions, 0).to(device), sees[:, None], scored,
                     flat_sources.to(device), torch.tensor(targets, dtype=torch.long).to(device))
 
 
